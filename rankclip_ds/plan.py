@@ -1,0 +1,126 @@
+"""The run plan: what a configuration will build, computed without a process group or real allocations.
+
+Used by ``train.py --dry-run`` (torchtitan's habit: validate everything and print the plan before any heavy work)
+and by the trainer's start-up banner.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import BatchPlan, Config, resolve_batch
+from .ds_config import build_deepspeed_config, validate_with_deepspeed
+
+__all__ = ["RunPlan", "build_plan", "format_bytes"]
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class RunPlan:
+    """Everything the dry run reports."""
+
+    world_size: int
+    batch: BatchPlan
+    deepspeed: dict[str, Any]
+    param_counts: dict[str, int]
+    image_model: str
+    text_model: str
+    loss_list_length: int
+    loss_local_rows: int
+    loss_memory_bytes: int | None
+    loss_memory_note: str
+    notes: list[str] = field(default_factory=list)
+
+    def format(self, cfg: Config) -> str:
+        pc = self.param_counts
+        zero = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        lines = [
+            "RankCLIP-DS plan (dry run: no process group, model built on the meta device)",
+            f"  world size        {self.world_size}",
+            f"  batch             {self.batch.describe(cfg.optim.grad_cache)}",
+            f"  DeepSpeed         ZeRO stage {zero}, precision {cfg.run.precision}, "
+            f"gradient_clipping {self.deepspeed['gradient_clipping']}",
+            f"  image tower       {self.image_model}: {pc['image_tower'] / 1e6:.2f} M parameters",
+            f"  text tower        {self.text_model}: {pc['text_tower'] / 1e6:.2f} M parameters",
+            f"  projections       {pc['projections'] / 1e6:.3f} M parameters (embed dim {cfg.model.embed_dim})",
+            f"  total             {pc['total'] / 1e6:.2f} M parameters",
+        ]
+        if cfg.loss.ranking:
+            loss = (
+                f"RankCLIP ({cfg.loss.impl}, comm {cfg.loss.comm}, λ_cross {cfg.loss.lambda_cross}, "
+                f"λ_in {cfg.loss.lambda_in}, top_k {cfg.loss.top_k}, w_max {cfg.loss.rank_weight_max})"
+            )
+        else:
+            loss = "plain CLIP (ranking terms off)"
+        lines.append(f"  loss              {loss}")
+        lines.append(f"  loss list         N = {self.loss_list_length}, local rows b = {self.loss_local_rows}")
+        mem = format_bytes(self.loss_memory_bytes) if self.loss_memory_bytes is not None else "n/a"
+        lines.append(f"  loss memory/rank  {mem} ({self.loss_memory_note})")
+        sched = cfg.schedule
+        length = f"{sched.total_steps} steps" if sched.total_steps is not None else f"{sched.epochs} epochs"
+        lines.append(
+            f"  schedule          {length}, warm-up {sched.warmup_steps}, AdamW lr {cfg.optim.lr} "
+            f"betas {tuple(cfg.optim.betas)} wd {cfg.optim.weight_decay}, cosine to {sched.min_lr_ratio}×lr"
+        )
+        lines.append(f"  data              {cfg.data.train_data} ({cfg.data.mode} mode)")
+        lines.append(f"  run folder        {cfg.run.output_dir}/{cfg.run.name}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.append("DeepSpeed config (resolved):")
+        lines.append(json.dumps(self.deepspeed, indent=2, sort_keys=True))
+        return "\n".join(lines)
+
+
+def _loss_memory(cfg: Config, n: int, world: int, b: int) -> tuple[int | None, str]:
+    import torch
+
+    try:
+        from .losses import default_chunk_size, memory_model
+    except ImportError:  # pragma: no cover - the loss family ships with the package
+        return None, "loss module unavailable"
+    chunk = cfg.loss.chunk_size or default_chunk_size(n, b)
+    dtype = torch.float32  # the loss computes in float32 whatever the training precision
+    impl = cfg.loss.impl
+    est = memory_model(n, world, cfg.model.embed_dim, chunk, top_k=cfg.loss.top_k, dtype=dtype, impl=impl)
+    return est, f"memory_model: impl {impl}, N {n}, P {world}, D {cfg.model.embed_dim}, chunk {chunk}"
+
+
+def build_plan(cfg: Config, ds_json: dict[str, Any], world_size: int, *, source: str = "DeepSpeed JSON") -> RunPlan:
+    """Resolve batch sizes and the DeepSpeed config, validate both, and build the model on the meta device."""
+    from .model import build_model
+
+    batch = resolve_batch(cfg.optim, world_size)
+    ds = build_deepspeed_config(ds_json, cfg, world_size, source=source)
+    validate_with_deepspeed(ds, source=source)
+    model = build_model(cfg.model, device="meta")
+    # The loss's list: the whole global batch with gradient caching, else one micro-batch from every rank.
+    n = batch.global_batch_size if cfg.optim.grad_cache else batch.micro_batch_size * world_size
+    b = n // world_size
+    mem, note = _loss_memory(cfg, n, world_size, b)
+    notes = []
+    if not cfg.optim.grad_cache and batch.grad_accum_steps > 1 and cfg.loss.ranking:
+        notes.append(
+            "gradient accumulation without optim.grad_cache: each micro-step's ranking list is only "
+            f"micro × world = {n} items; enable optim.grad_cache for the whole global batch"
+        )
+    return RunPlan(
+        world_size=world_size,
+        batch=batch,
+        deepspeed=ds,
+        param_counts=model.param_counts(),
+        image_model=cfg.model.image.name,
+        text_model=cfg.model.text.name_or_path,
+        loss_list_length=n,
+        loss_local_rows=b,
+        loss_memory_bytes=mem,
+        loss_memory_note=note,
+        notes=notes,
+    )

@@ -1,0 +1,104 @@
+"""Entry point: ``deepspeed rankclip_ds/train.py --deepspeed ds_configs/zero2.json [--config X.yaml] [--a.b v ...]``.
+
+Also runs under ``torchrun`` and ``srun`` (the rank environment is read by :mod:`rankclip_ds.dist`), and as
+``python rankclip_ds/train.py ... --dry-run`` to validate a configuration and print the plan without a process
+group or real allocations.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Launched as a file (deepspeed/torchrun/srun pass a path): make the package importable even without
+    # `pip install -e .`, and keep this folder off sys.path so its modules cannot shadow top-level ones.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+
+from rankclip_ds.config import Config, ConfigError, field_docs, load_config
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="rankclip_ds/train.py",
+        description="Train a RankCLIP dual encoder with DeepSpeed. Config precedence: defaults < --config YAML < "
+        "--section.key VALUE overrides (e.g. --optim.lr 1e-3 --model.image.name vit_base_patch16_224).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config, e.g. ds_configs/zero2.json")
+    parser.add_argument("--config", metavar="YAML", help="recipe, e.g. configs/demo_cpu.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="validate, build on meta, print the plan, exit")
+    parser.add_argument(
+        "--dry-run-world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="world size assumed by --dry-run (default: the launcher's, or 1)",
+    )
+    parser.add_argument("--help-config", action="store_true", help="list every config field with its doc, exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_known_args(argv)
+
+
+def _print_config_help() -> None:
+    import dataclasses
+    import typing
+
+    def walk(cls: type, prefix: str) -> None:
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"--{prefix}{f.name} (default {default!r})\n    {docs.get(f.name, '')}")
+
+    walk(Config, "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the entry point with ``argv`` (default ``sys.argv[1:]``); returns the process exit code."""
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        _print_config_help()
+        return 0
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    from rankclip_ds.dist import read_dist_env
+
+    info = read_dist_env()
+    if args.dry_run:
+        from rankclip_ds.ds_config import load_deepspeed_json
+        from rankclip_ds.model import ModelConfigError
+        from rankclip_ds.plan import build_plan
+
+        world = args.dry_run_world_size or info.world_size
+        try:
+            ds_json = load_deepspeed_json(args.deepspeed) if args.deepspeed else {}
+            plan = build_plan(cfg, ds_json, world, source=args.deepspeed or "(no --deepspeed)")
+        except (ConfigError, ModelConfigError) as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        print(plan.format(cfg))
+        return 0
+
+    print(
+        "config error: training itself is not implemented yet in this checkout (it lands with the trainer issue); "
+        "use --dry-run to validate a configuration and print its plan",
+        file=sys.stderr,
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
