@@ -1,0 +1,328 @@
+"""Benchmark the RankCLIP loss: naive vs chunked vs the arithmetic floor, and ring vs allgather on gloo.
+
+Every configuration runs in a FRESH subprocess: a warm-up on a tiny batch (loads kernels, starts threads), then
+``--repeat`` timed forward + backward runs (the minimum wall time is kept, with its process CPU time: the machine is
+shared, and CPU seconds are the steadier figure), then one more run under ``torch.profiler(profile_memory=True)``
+for memory.  ``peak_bytes`` replays that run's allocation and free records in time order and keeps the largest sum
+of live tensor bytes: what the loss allocates at its peak, forward + backward, exact at the allocator level.
+``rss_peak_bytes`` (the process's resident high-water mark over the same run, reset through
+``/proc/self/clear_refs``, minus the resident set before it) is recorded too: it adds allocator fragmentation and
+library code pages.  The prediction beside them is ``rankclip_ds.losses.memory_model``.  Naive runs whose
+predicted peak exceeds ``--mem-limit-gib`` are reported as "does not fit" and not attempted.
+
+    python tools/bench_loss.py --n 1024 2048 4096 8192 --d 256 --threads 1 --json bench.json
+    python tools/bench_loss.py --n 16384 32768 --d 64 --impls naive chunked floor --threads 1 --repeat 0
+    python tools/bench_loss.py --distributed 4 --n 4096 --d 256 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+GIB = 1 << 30
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM: the resident high-water mark since the last ``_reset_peak`` (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_rss_peak() -> None:
+    """Reset VmHWM (Linux: writing 5 to clear_refs) after glibc returns what earlier runs freed."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _profiled_peak(fn) -> tuple[float, int]:
+    """Run ``fn`` under ``torch.profiler`` (profile_memory=True); return (seconds, peak live tensor bytes).
+
+    The peak replays every allocation and free the profiler recorded, in time order: the largest sum of live
+    tensor bytes, exact at the allocator level and blind to fragmentation and to code pages.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return seconds, peak, result
+
+
+def _inputs(n, d, seed=0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(n, d, generator=gen)
+    txt = torch.randn(n, d, generator=gen) + 0.5 * img
+    return img, txt
+
+
+def _run_loss(rec, img, txt, group=None):
+    """Time forward + backward of one configuration; returns (seconds, loss value)."""
+    import torch
+
+    from rankclip_ds.losses import rankclip_loss
+    from rankclip_ds.losses.chunked import chunked_rankclip_terms
+    from rankclip_ds.losses.naive import normalise_inputs
+
+    img = img.clone().requires_grad_()
+    txt = txt.clone().requires_grad_()
+    log_s = torch.tensor(2.6592, requires_grad=True)  # ln(1/0.07)
+    t0 = time.perf_counter()
+    if rec["impl"] == "floor":
+        _floor(img.detach(), txt.detach(), rec["chunk_size"] or img.shape[0])
+        return time.perf_counter() - t0, float("nan")
+    if rec["impl"] == "chunked-recompute":
+        i, t, ls = normalise_inputs(img, txt, log_s)
+        out = chunked_rankclip_terms(
+            i, t, ls, rank_weight=2.0, lambda_cross=1.0, lambda_in=1.0, comm=rec["comm"],
+            chunk_size=rec["chunk_size"], position_weighting=None, group=group, backward="recompute",
+        )  # fmt: skip
+    else:
+        kw = {"top_k": rec["top_k"]} if rec["impl"] == "top_k" else {}
+        out = rankclip_loss(
+            img, txt, log_s, rank_weight=2.0, impl=rec["impl"], comm=rec["comm"], chunk_size=rec["chunk_size"],
+            group=group, **kw,
+        )  # fmt: skip
+    out["loss"].backward()
+    return time.perf_counter() - t0, float(out["loss"].detach())
+
+
+def _floor(img, txt, chunk):
+    """The work no implementation avoids: 4 products (b x D by D x N) and 4 b stable argsorts of length N."""
+    import torch
+    import torch.nn.functional as F
+
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    k_all = torch.cat([txt, img], 0)  # (2N, D)
+    b = img.shape[0]
+    for i0 in range(0, b, chunk):
+        rc = torch.cat([img[i0 : i0 + chunk], txt[i0 : i0 + chunk]], 0)
+        m = (rc @ k_all.T).view(2, -1, 2, b)
+        torch.argsort(m, dim=-1, descending=True, stable=True)
+
+
+def _worker(rec):
+    """One configuration in this (fresh) process: warm up on a tiny batch, then ``repeat`` timed runs."""
+    import torch
+
+    torch.set_num_threads(rec["threads"])
+    _run_loss(dict(rec, chunk_size=min(rec["chunk_size"] or 64, 64)), *_inputs(64, rec["D"]))  # load kernels
+    img, txt = _inputs(rec["N"], rec["D"])
+    runs = []
+    for _ in range(rec["repeat"]):  # timed with the default allocator
+        cpu0 = time.process_time()
+        seconds, value = _run_loss(rec, img, txt)
+        runs.append((seconds, time.process_time() - cpu0))
+    _reset_rss_peak()
+    base = _rss_bytes()
+    if rec["repeat"] == 0:  # a single run: timed (profiler overhead is per op, and the ops are large) and measured
+        cpu0 = time.process_time()
+        seconds, peak, (_, value) = _profiled_peak(lambda: _run_loss(rec, img, txt))
+        cpu = time.process_time() - cpu0
+    else:
+        seconds, cpu = min(runs)
+        _, peak, _ = _profiled_peak(lambda: _run_loss(rec, img, txt))
+    rss = max(0, _peak_rss_bytes() - base)
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak, "rss_peak_bytes": rss, "loss": value}
+
+
+def _dist_entry(rank, world, port, rec, queue):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(rec["threads"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    img, txt = _inputs(rec["N"], rec["D"])
+    b = rec["N"] // world
+    img, txt = img[rank * b : (rank + 1) * b].clone(), txt[rank * b : (rank + 1) * b].clone()
+    _run_loss(dict(rec, N=8 * world), img[:8], txt[:8], group=dist.group.WORLD)  # warm up
+    dist.barrier()
+    cpu0 = time.process_time()
+    seconds, value = _run_loss(rec, img, txt, group=dist.group.WORLD)
+    cpu = time.process_time() - cpu0
+    _reset_rss_peak()
+    dist.barrier()
+    base = _rss_bytes()
+    _, peak, _ = _profiled_peak(lambda: _run_loss(rec, img, txt, group=dist.group.WORLD))
+    rss = max(0, _peak_rss_bytes() - base)
+    times = [None] * world
+    dist.all_gather_object(times, (seconds, cpu, peak, rss))
+    if rank == 0:
+        queue.put(
+            {
+                "seconds": max(t[0] for t in times),
+                "cpu_seconds": max(t[1] for t in times),
+                "peak_bytes": max(t[2] for t in times),
+                "rss_peak_bytes": max(t[3] for t in times),
+                "loss": value,
+            }
+        )
+    dist.destroy_process_group()
+
+
+def _dist_worker(rec):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_dist_entry, args=(r, rec["P"], port, rec, queue)) for r in range(rec["P"])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return queue.get()
+
+
+def _launch(rec, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(rec)]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout} s"}
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _predict_table(d: int, top_k: int) -> None:
+    """Per-rank loss memory (GiB, float32) predicted by memory_model, beside open_clip's and Inf-CL's formulas.
+
+    open_clip (local_loss=True, gather_with_grad=True): two b x N logit matrices and the two log-softmax outputs
+    autograd keeps (4 b N x 4 bytes) plus the gathered features (2 N D x 4).  Inf-CL (InfoNCE only, ring of feature
+    blocks, tiles of 4096 x 4096 recomputed in backward): local features, one block in flight and their gradients
+    (~6 b D x 4) plus one tile (4096^2 x 4).  Neither computes ListMLE, whose rows need all N columns at once.
+    """
+    from rankclip_ds.losses import default_chunk_size, memory_model
+
+    header = f"{'N':>9}{'GPUs':>6}{'b':>8}{'c':>5}{'chunked':>10}{f'top-{top_k}':>10}{'naive':>10}"
+    header += f"{'open_clip':>11}{'Inf-CL':>8}"
+    print(f"predicted peak loss memory per rank, GiB (D = {d}, float32)")
+    print(header)
+    print("-" * len(header))
+    for n in (1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20):
+        for p in (8, 32, 128, 1024):
+            b = n // p
+            c = default_chunk_size(n, b)
+            chunked = memory_model(n, p, d, c) / GIB
+            topk = memory_model(n, p, d, max(1, min(b, (1 << 19) // (top_k + 2048))), top_k=top_k, impl="top_k") / GIB
+            naive = memory_model(n, p, d, b, impl="naive") / GIB
+            open_clip = (4 * b * n * 4 + 2 * n * d * 4) / GIB
+            inf_cl = (6 * b * d * 4 + 4096 * 4096 * 4) / GIB
+            print(
+                f"{n:>9}{p:>6}{b:>8}{c:>5}{chunked:>10.2f}{topk:>10.2f}{naive:>10.0f}{open_clip:>11.2f}{inf_cl:>8.2f}"
+            )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="global batch sizes N")
+    parser.add_argument("--d", type=int, default=256, help="embedding dim D")
+    parser.add_argument("--impls", nargs="+", default=["naive", "chunked", "floor"],
+                        help="naive, chunked, chunked-recompute, top_k, floor")  # fmt: skip
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: library default)")
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="timed runs per configuration (the minimum is kept); 0: one run, timed under the memory-measuring "
+        "allocator setting (for the largest sizes)",
+    )  # fmt: skip
+    parser.add_argument("--distributed", type=int, default=0, metavar="P", help="run ring vs allgather on P gloo ranks")
+    parser.add_argument("--mem-limit-gib", type=float, default=20.0, help="naive runs predicted above this are skipped")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    parser.add_argument("--json", metavar="FILE", help="write the records to FILE")
+    parser.add_argument(
+        "--predict-table", action="store_true",
+        help="print the predicted per-rank memory for N = 64k..1M on 8..1024 GPUs (uses --d and --top-k) and exit",
+    )  # fmt: skip
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.predict_table:
+        _predict_table(args.d, args.top_k)
+        return 0
+    if args.worker:
+        rec = json.loads(args.worker)
+        print(json.dumps(_dist_worker(rec) if rec["P"] > 1 else _worker(rec)))
+        return 0
+
+    from rankclip_ds.losses import default_chunk_size, memory_model
+
+    records = []
+    plan = []
+    for n in args.n:
+        if args.distributed:
+            for comm in ("ring", "allgather"):
+                plan.append(("chunked", comm, n, args.distributed))
+        else:
+            plan.extend((impl, "ring", n, 1) for impl in args.impls)
+    header = (
+        f"{'impl':<18}{'comm':<10}{'N':>7}{'P':>3}{'D':>5}{'c':>6}{'seconds':>10}{'cpu s':>9}{'peak MiB':>10}"
+        f"{'pred MiB':>10}"
+    )
+    print(f"threads per process: {args.threads}")
+    print(header)
+    print("-" * len(header))
+    for impl, comm, n, world in plan:
+        b = n // world
+        chunk = args.chunk_size or (default_chunk_size(n, b) if impl != "naive" else None)
+        model_impl = {"chunked-recompute": "chunked", "floor": "chunked"}.get(impl, impl)
+        top_k = args.top_k if impl == "top_k" else None
+        predicted = (
+            None if impl == "floor" else memory_model(n, world, args.d, chunk or b, top_k=top_k, impl=model_impl)
+        )
+        rec = {"impl": impl, "comm": comm, "N": n, "P": world, "D": args.d, "chunk_size": chunk, "top_k": top_k,
+               "threads": args.threads, "repeat": args.repeat, "predicted_bytes": predicted}  # fmt: skip
+        if impl == "naive" and predicted > args.mem_limit_gib * GIB:
+            rec.update(seconds=None, peak_bytes=None, note=f"does not fit (predicted {predicted / GIB:.1f} GiB)")
+        else:
+            rec.update(_launch(rec, args.timeout))
+        records.append(rec)
+        if rec.get("seconds") is None:
+            status = rec.get("note") or rec.get("error")
+            print(f"{impl:<18}{comm:<10}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}  {status}")
+        else:
+            print(
+                f"{impl:<18}{comm:<10}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}{rec['seconds']:>10.2f}"
+                f"{rec.get('cpu_seconds', float('nan')):>9.2f}{rec['peak_bytes'] / 2**20:>10.0f}"
+                f"{predicted / 2**20 if predicted else float('nan'):>10.0f}",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
