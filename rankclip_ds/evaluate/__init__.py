@@ -1,0 +1,46 @@
+"""Evaluation of dual encoders: zero-shot classification, image–text retrieval and linear probes.
+
+The same functions serve the command line (``python -m rankclip_ds.evaluate``), the trainer's periodic hook and
+notebooks. They take plain arguments (a model, a tokenizer, data paths, transform settings) and return JSON-ready
+dicts whose accuracies and recalls are fractions in [0, 1]. Under ``torch.distributed`` every rank calls them with
+the same arguments, embeds a slice of the data, and gets the same result. See ``docs/evaluation.md``.
+"""
+
+from .datasets import EvalData, list_image_folder, open_eval_data, resolve_classnames
+from .features import ImageFeatures, encode_texts, extract_image_features
+from .linear_probe import DEFAULT_WEIGHT_DECAYS, fit_logistic_regression, linear_probe_eval, linear_probe_from_features
+from .metrics import TIE_RULE, best_positive_rank, classification_metrics, rank_of_target, retrieval_metrics
+from .report import append_jsonl, format_summary, log_eval, scalar_summary, write_json
+from .retrieval import retrieval_eval
+from .templates import OPENAI_IMAGENET_TEMPLATES, fill_template, resolve_templates
+from .zeroshot import build_zeroshot_classifier, zeroshot_eval
+
+__all__ = [
+    "DEFAULT_WEIGHT_DECAYS",
+    "OPENAI_IMAGENET_TEMPLATES",
+    "TIE_RULE",
+    "EvalData",
+    "ImageFeatures",
+    "append_jsonl",
+    "best_positive_rank",
+    "build_zeroshot_classifier",
+    "classification_metrics",
+    "encode_texts",
+    "extract_image_features",
+    "fill_template",
+    "fit_logistic_regression",
+    "format_summary",
+    "linear_probe_eval",
+    "linear_probe_from_features",
+    "list_image_folder",
+    "log_eval",
+    "open_eval_data",
+    "rank_of_target",
+    "resolve_classnames",
+    "resolve_templates",
+    "retrieval_eval",
+    "retrieval_metrics",
+    "scalar_summary",
+    "write_json",
+    "zeroshot_eval",
+]
