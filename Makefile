@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo dry-run test test-all test-slow lint format clean
+.PHONY: setup demo demo-data dry-run test test-all test-slow lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,25 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) tools/prebuild_ops.py
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# The main job. Until the trainer lands it validates every recipe and prints the demo's plan (dry run).
-demo: setup
-	$(PY) rankclip_ds/train.py --deepspeed ds_configs/zero2.json --config configs/demo_cpu.yaml --dry-run --dry-run-world-size 2
+# The main job: writes the embedded synthetic dataset once, then trains RankCLIP with DeepSpeed on all GPUs, or on
+# 2 CPU ranks where there is none, evaluates zero-shot on held-out colour×shape pairs and prints a summary.
+DEMO_DATA := data/synthetic/info.json
+NPROC ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+DEMO_ARGS ?=
+
+$(DEMO_DATA): | $(STAMP)
+	$(PY) tools/make_synthetic_shards.py --output data/synthetic --num-train 20000 --num-zeroshot 800 --seed 0
+
+demo-data: $(DEMO_DATA)
+
+demo: setup $(DEMO_DATA)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) rankclip_ds/train.py --deepspeed ds_configs/zero2.json \
+		--config configs/demo_cpu.yaml $(DEMO_ARGS)
 
 dry-run: setup
 	$(PY) rankclip_ds/train.py --deepspeed ds_configs/zero2.json --config $(or $(CONFIG),configs/demo_cpu.yaml) --dry-run

@@ -5,3 +5,10 @@ trainer; ``rankclip_ds/train.py`` is the entry point.
 """
 
 __version__ = "0.1.0"
+
+
+def load_model(path, **kwargs):
+    """Load an exported model without DeepSpeed (see :func:`rankclip_ds.export.load_model`)."""
+    from .export import load_model as _load
+
+    return _load(path, **kwargs)

@@ -125,8 +125,9 @@ class TextTowerConfig:
     """Load the weights found at ``name_or_path``; ``False`` builds the architecture from its config (with
     ``overrides``) and trains from scratch. The tokenizer always comes from ``name_or_path``."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Architecture overrides applied to the HF config (e.g. ``{num_hidden_layers: 2, hidden_size: 128}``);
-    only allowed with ``pretrained: false``."""
+    """Overrides applied to the HF config. From scratch any size works (``{num_hidden_layers: 2, hidden_size:
+    128}``); with ``pretrained: true`` only changes that keep tensor shapes (``{num_hidden_layers: 2}`` keeps the
+    first two pretrained layers, dropout rates), since a reshaped tensor cannot take the pretrained weights."""
     pooling: Literal["cls", "mean", "eos"] = "mean"
     """How token states become one vector: first token, attention-masked mean, or last real token."""
     max_length: int = 32
@@ -135,12 +136,15 @@ class TextTowerConfig:
     def __post_init__(self) -> None:
         if not self.name_or_path:
             _fail("model.text.name_or_path", self.name_or_path, "is empty", "give a local folder or builtin:minilm")
-        if self.pretrained and self.overrides:
+        reshaping = {"hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "max_position_embeddings"}
+        reshaped = sorted(reshaping & set(self.overrides))
+        if self.pretrained and reshaped:
             _fail(
                 "model.text.overrides",
                 self.overrides,
-                "architecture overrides cannot apply to pretrained weights",
-                "set model.text.pretrained=false to build a resized tower from scratch, or drop the overrides",
+                f"{reshaped} change tensor shapes, so the pretrained weights cannot load",
+                "set model.text.pretrained=false to build a resized tower from scratch, or keep only "
+                "num_hidden_layers / dropout overrides",
             )
         _check_positive("model.text", "max_length", self.max_length)
 
@@ -179,7 +183,7 @@ class ModelConfig:
 class DataConfig:
     """The WebDataset input pipeline."""
 
-    train_data: str = "data/synthetic/train-{000000..000007}.tar"
+    train_data: str = "data/synthetic/train/synth-train-{000000..000019}.tar"
     """Shard list: brace expressions, several sources joined with ``::``, each optionally weighted."""
     mode: Literal["epoch", "resampled"] = "epoch"
     """``epoch``: each shard once per epoch, split by rank and worker. ``resampled``: shards drawn with replacement
@@ -227,14 +231,16 @@ class LossConfig:
     """Weight of the cross-modal ranking-consistency term."""
     lambda_in: float = 1.0
     """Weight of the in-modal ranking-consistency term."""
-    impl: Literal["chunked", "naive"] = "chunked"
-    """``chunked``: the scalable custom-autograd loss (no N×N anywhere). ``naive``: the full-matrix reference."""
+    impl: Literal["chunked", "naive", "top_k"] = "chunked"
+    """``chunked``: the exact scalable loss (no N×N anywhere). ``top_k``: ListMLE over the first ``top_k`` positions
+    of each target order, streaming, for very large N. ``naive``: the full-matrix reference."""
     comm: Literal["ring", "allgather"] = "ring"
     """How feature blocks cross ranks: ring exchange (gather-free) or all-gather (for comparison)."""
     chunk_size: int | None = None
     """Rows per chunk in the chunked loss; ``None`` picks a default from the local batch."""
     top_k: int | None = None
-    """ListMLE over only the first K positions of each target order (denominators cover all items)."""
+    """K for ``impl: top_k``: ListMLE over the first K positions of each target order (denominators cover all
+    items); K >= N is the exact loss."""
     position_weighting: Literal["log"] | None = None
     """``log``: the paper's per-position weight μ_k = 1/log(k+1); ``None`` (default): the released code's uniform."""
     rank_weight_schedule: Literal["epoch", "step"] = "step"
@@ -253,6 +259,15 @@ class LossConfig:
         _check_positive("loss", "chunk_size", self.chunk_size, allow_none=True)
         if self.top_k is not None and self.top_k <= 0:
             _fail("loss.top_k", self.top_k, "must be a positive integer", "use null for the exact loss, or K >= 1")
+        if self.impl == "top_k" and self.top_k is None:
+            _fail("loss.top_k", None, "loss.impl=top_k needs K", "set loss.top_k (e.g. 128), or use loss.impl=chunked")
+        if self.impl != "top_k" and self.top_k is not None:
+            _fail(
+                "loss.top_k",
+                self.top_k,
+                f"is only used by loss.impl=top_k (loss.impl={self.impl!r})",
+                "set loss.impl=top_k, or loss.top_k=null",
+            )
         if not 0.0 < self.rank_weight_hold_from <= 1.0:
             _fail("loss.rank_weight_hold_from", self.rank_weight_hold_from, "must be in (0, 1]", "use e.g. 0.6667")
 

@@ -209,8 +209,11 @@ def read_dist_env(env: Mapping[str, str] | None = None, device_type: str | None 
     return DistInfo(rank, world, local_rank, local_world, node_rank, addr, port, launcher, device_type)
 
 
-def init_distributed(info: DistInfo, timeout_minutes: float = 30.0, use_deepspeed: bool = True) -> None:
-    """Create the default process group for ``info`` (no-op for a single process).
+def init_distributed(
+    info: DistInfo, timeout_minutes: float = 30.0, use_deepspeed: bool = True, single_process: bool = False
+) -> None:
+    """Create the default process group for ``info`` (for a single process only with ``single_process=True``,
+    as DeepSpeed's engine wants a process group even then; it then rendezvous on a free loopback port).
 
     Exports the variables ``env://`` rendezvous reads (so SLURM-launched tasks work like torchrun ones), sets the
     CUDA device from the local rank, and initialises through DeepSpeed (which the engine expects) or plain
@@ -219,15 +222,22 @@ def init_distributed(info: DistInfo, timeout_minutes: float = 30.0, use_deepspee
     import torch
     import torch.distributed as dist
 
-    if not info.distributed or dist.is_initialized():
+    if dist.is_initialized() or not (info.distributed or single_process):
         return
+    port = info.master_port
+    if not info.distributed and "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a lone process must not collide with another job's default port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     for name, value in (
         ("RANK", info.rank),
         ("WORLD_SIZE", info.world_size),
         ("LOCAL_RANK", info.local_rank),
         ("LOCAL_WORLD_SIZE", info.local_world_size),
         ("MASTER_ADDR", info.master_addr),
-        ("MASTER_PORT", info.master_port),
+        ("MASTER_PORT", port),
     ):
         os.environ[name] = str(value)
     if info.device_type == "cuda":
@@ -240,7 +250,7 @@ def init_distributed(info: DistInfo, timeout_minutes: float = 30.0, use_deepspee
         info.world_size,
         info.local_rank,
         info.master_addr,
-        info.master_port,
+        port,
         info.launcher,
     )
     if use_deepspeed:

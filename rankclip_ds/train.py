@@ -92,12 +92,63 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.format(cfg))
         return 0
 
-    print(
-        "config error: training itself is not implemented yet in this checkout (it lands with the trainer issue); "
-        "use --dry-run to validate a configuration and print its plan",
-        file=sys.stderr,
-    )
-    return 2
+    if not args.deepspeed:
+        print(
+            "config error: --deepspeed JSON is required to train (e.g. --deepspeed ds_configs/zero2.json)",
+            file=sys.stderr,
+        )
+        return 2
+    return _train(cfg, args.deepspeed, info)
+
+
+def _train(cfg: Config, ds_path: str, info) -> int:
+    from rankclip_ds.dist import setup_logging
+    from rankclip_ds.ds_config import load_deepspeed_json
+    from rankclip_ds.trainer import Trainer
+
+    setup_logging(info, cfg.logging.level)
+    try:
+        ds_json = load_deepspeed_json(ds_path)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, ds_json, info, ds_source=ds_path)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    if summary["stopped_by_signal"]:
+        from rankclip_ds.trainer.signals import REQUEUE_EXIT_CODE
+
+        if info.is_main:
+            print(
+                f"stopped by signal {summary['stopped_by_signal']} at step {summary['steps']}; checkpoint "
+                f"{summary['checkpoint']}; exit code {REQUEUE_EXIT_CODE} (resume with --checkpoint.resume latest)"
+            )
+        return REQUEUE_EXIT_CODE
+    if info.is_main:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run report: what was trained, how well, and where everything is."""
+    lines = ["", "RankCLIP-DS run finished", f"  steps            {summary['steps']} in {summary['seconds']:.0f} s"]
+    ev = summary.get("eval")
+    if ev:
+        lines.append(
+            f"  zero-shot        top-1 {100 * ev['top1']:.1f}% (chance {100 * ev['chance']:.1f}%), "
+            f"top-5 {100 * ev['top5']:.1f}%, mean per class {100 * ev['mean_per_class']:.1f}% "
+            f"on {ev['num_samples']} held-out images of {ev['num_classes']} classes"
+        )
+    run = summary["run_dir"]
+    lines += [
+        f"  run folder       {run} (resolved config: {run}/config.yaml)",
+        f"  TensorBoard      tensorboard --logdir {run}/tb",
+        f"  checkpoint       {summary['checkpoint']}",
+        f"  export           {summary['export']} (rankclip_ds.load_model(path) loads it without DeepSpeed)",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

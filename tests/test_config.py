@@ -135,9 +135,15 @@ BAD_VALUES = [
     (["--data.shuffle_buffer", "-5"], "data.shuffle_buffer=-5", "must be >= 0"),
     (["--data.rrc_scale", "[0.9, 0.5]"], "data.rrc_scale=(0.9, 0.5)", "0 < low <= high <= 1"),
     (["--loss.lambda_cross", "-1"], "loss.lambda_cross=-1.0", "must be >= 0"),
-    (["--loss.top_k", "0"], "loss.top_k=0", "positive integer"),
+    (["--loss.top_k", "0", "--loss.impl", "top_k"], "loss.top_k=0", "positive integer"),
+    (["--loss.impl", "top_k"], "loss.top_k=None", "needs K"),
+    (["--loss.top_k", "16"], "loss.top_k=16", "only used by loss.impl=top_k"),
     (["--loss.chunk_size", "0"], "loss.chunk_size=0", "must be > 0"),
-    (["--loss.chunk_size", "64", "--optim.micro_batch_size", "32"], "loss.chunk_size=64", "larger than the loss's local batch"),
+    (
+        ["--loss.chunk_size", "64", "--optim.micro_batch_size", "32"],
+        "loss.chunk_size=64",
+        "larger than the loss's local batch",
+    ),
     (["--loss.impl", "fast"], "loss.impl='fast'", "is not one of"),
     (["--loss.comm", "nccl"], "loss.comm='nccl'", "is not one of"),
     (["--loss.lambda_cross", "0", "--loss.lambda_in", "0"], "loss.ranking=True", "contribute nothing"),
@@ -212,7 +218,9 @@ def test_resolve_batch_errors_name_both_numbers():
 
 
 def test_save_and_reload_roundtrip(tmp_path):
-    cfg = load_config(None, ["--optim.lr", "3e-4", "--data.rrc_scale", "[0.5, 0.8]", "--loss.top_k", "16"])
+    cfg = load_config(
+        None, ["--optim.lr", "3e-4", "--data.rrc_scale", "[0.5, 0.8]", "--loss.impl", "top_k", "--loss.top_k", "16"]
+    )
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert path.is_file()
     assert load_config(path) == cfg

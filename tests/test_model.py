@@ -42,7 +42,7 @@ def test_forward_shapes_and_logit_scale(tokenizer):
     images, ids, mask = batch(tokenizer)
     img, txt, scale = model(images, ids, mask)
     assert img.shape == (3, 16) and txt.shape == (3, 16)
-    assert scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert scale.shape == (1,) and scale.item() == pytest.approx(math.log(1 / 0.07))
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     model.clamp_logit_scale_()
@@ -76,6 +76,15 @@ def test_pretrained_builtin_text_tower_loads_real_weights(tokenizer):
         e = torch.nn.functional.normalize(tower(tok["input_ids"], tok["attention_mask"]), dim=-1)
     # A trained sentence encoder puts the two dog captions closer together than either to the spreadsheet.
     assert (e[0] @ e[1]) > (e[0] @ e[2]) + 0.2
+
+
+def test_pretrained_text_tower_truncated_to_its_first_layers():
+    full = TextTower("builtin:minilm", pretrained=True)
+    two = TextTower("builtin:minilm", pretrained=True, overrides={"num_hidden_layers": 2})
+    full_params = dict(full.encoder.named_parameters())
+    two_params = dict(two.encoder.named_parameters())
+    assert len(two.encoder.encoder.layer) == 2
+    assert two_params and all(torch.equal(full_params[k], v) for k, v in two_params.items())
 
 
 def test_grad_checkpointing_gives_same_gradients(tokenizer):

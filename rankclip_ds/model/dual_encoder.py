@@ -35,7 +35,8 @@ class DualEncoder(nn.Module):
         self.text_tower = text_tower
         self.image_proj = nn.Linear(image_tower.num_features, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_tower.num_features, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # Shape (1,), not 0-d: DeepSpeed's parameter broadcast views every parameter as bytes, which fails on 0-d.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         self.max_logit_scale = float(max_logit_scale)
         self.embed_dim = embed_dim
         self._init_projections()
@@ -59,8 +60,11 @@ class DualEncoder(nn.Module):
     def forward(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``(image_emb, text_emb, logit_scale)``; the logit scale is the raw log-scale parameter."""
-        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale
+        """Returns ``(image_emb, text_emb, logit_scale)``, the last the raw log scale, shape (1,).
+
+        The logit scale is returned as a copy made inside ``forward``: under ZeRO-3 a parameter's storage is only
+        materialised during its module's forward, and the copy keeps the autograd path to it."""
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale.clone()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -71,9 +75,9 @@ class DualEncoder(nn.Module):
         """Parameters per part (works on the meta device)."""
 
         def count(m: nn.Module | nn.Parameter) -> int:
-            if isinstance(m, nn.Parameter):
-                return m.numel()
-            return sum(p.numel() for p in m.parameters())
+            # Under ZeRO-3 a partitioned parameter's numel() is 0; DeepSpeed keeps the real size in ds_numel.
+            params = [m] if isinstance(m, nn.Parameter) else list(m.parameters())
+            return sum(getattr(p, "ds_numel", p.numel()) for p in params)
 
         counts: dict[str, Any] = {
             "image_tower": count(self.image_tower),

@@ -1,0 +1,87 @@
+"""Consolidated model export and loading without DeepSpeed.
+
+An export folder holds ``model.safetensors`` (fp32 weights of the whole dual encoder) and ``config.json`` (the
+resolved run config, so the architecture can be rebuilt). :func:`load_model` rebuilds the model from that config
+(towers built from their configs, never downloaded) and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, config_from_dict, config_to_dict
+from .model import DualEncoder, build_model, build_tokenizer
+
+__all__ = ["EXPORT_CONFIG", "EXPORT_WEIGHTS", "architecture_config", "load_model", "save_export"]
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+def save_export(state_dict: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path) -> Path:
+    """Write ``state_dict`` (as fp32, contiguous, untied copies) and the config to ``out_dir`` atomically.
+
+    Files are written under temporary names and renamed, so a crash never leaves a half-written export that looks
+    complete.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state_dict.items()}
+    tmp_w = out / (EXPORT_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp_w), metadata={"format": "pt", "producer": "rankclip_ds"})
+    tmp_c = out / (EXPORT_CONFIG + ".tmp")
+    tmp_c.write_text(json.dumps(config_to_dict(cfg), indent=2))
+    os.replace(tmp_w, out / EXPORT_WEIGHTS)
+    os.replace(tmp_c, out / EXPORT_CONFIG)
+    return out
+
+
+def architecture_config(cfg: Config) -> Config:
+    """``cfg`` with weight loading switched off (no image weights file, text tower built from its config): for
+    rebuilding a model whose every tensor comes from elsewhere."""
+    data = config_to_dict(cfg)
+    data["model"]["image"]["weights"] = None
+    data["model"]["text"]["pretrained"] = False
+    return config_from_dict(data)
+
+
+def load_export_config(path: str | Path) -> Config:
+    """The run config stored beside an export."""
+    p = Path(path) / EXPORT_CONFIG
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: not an export folder (expected {EXPORT_CONFIG} and {EXPORT_WEIGHTS})")
+    data: dict[str, Any] = json.loads(p.read_text())
+    return config_from_dict(data)
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", with_tokenizer: bool = False):
+    """Load an exported model (no DeepSpeed needed). Returns the model in eval mode, or ``(model, tokenizer)``.
+
+    The text tower is rebuilt from its config and never loads the pretrained weights it started from: every
+    tensor comes from the export, and a missing or extra tensor is an error.
+    """
+    from safetensors.torch import load_file
+
+    cfg = load_export_config(path)
+    weights = Path(path) / EXPORT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; the export at {path} is incomplete")
+    model: DualEncoder = build_model(architecture_config(cfg).model, device="cpu")
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{weights}: does not match the architecture in {EXPORT_CONFIG}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    model.to(device).eval()
+    if with_tokenizer:
+        return model, build_tokenizer(cfg.model.text.name_or_path)
+    return model

@@ -1,0 +1,600 @@
+"""The DeepSpeed trainer: one object that owns the engine, the data stream, checkpoints and telemetry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import Config, config_to_dict, resolve_batch, save_config
+from ..dist import DistInfo, init_distributed
+from ..ds_config import build_deepspeed_config, validate_with_deepspeed
+from ..export import save_export
+from ..losses import official_rank_weight, rankclip_loss, step_rank_weight
+from ..model import DualEncoder, build_model, build_tokenizer
+from .checkpoint import CheckpointManager
+from .metrics import MetricsWriter, StepTimer, format_duration, memory_stats
+from .optim import build_lr_lambda, build_optimizer
+from .signals import REQUEUE_EXIT_CODE, StopRequest
+
+__all__ = ["NonFiniteLossError", "Trainer"]
+
+log = logging.getLogger("rankclip_ds.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops instead of training on garbage."""
+
+
+@dataclass
+class DataPosition:
+    """Where the stream is: the epoch, and batches consumed from it on each rank (identical on every rank)."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and trains.
+
+    ``data_factory`` (tests only) replaces the WebDataset loader: ``data_factory(rank, world, micro)`` must return an
+    object with ``__len__`` (batches per epoch, equal on every rank), ``epoch_iter(epoch)`` yielding batch dicts
+    (``image``, ``input_ids``, ``attention_mask``), ``resume(epoch, samples=...)`` and ``skip_counts()``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        ds_json: dict[str, Any],
+        info: DistInfo,
+        *,
+        ds_source: str = "DeepSpeed JSON",
+        data_factory: Callable[[int, int, int], Any] | None = None,
+    ) -> None:
+        import deepspeed
+
+        self.cfg = cfg
+        self.info = info
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.batch = resolve_batch(cfg.optim, info.world_size)
+        ds = build_deepspeed_config(ds_json, cfg, info.world_size, source=ds_source)
+        validate_with_deepspeed(ds, source=ds_source)
+        self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+
+        init_distributed(info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True)
+        self.group = dist.group.WORLD if info.distributed else None
+        self.device = torch.device(info.device)
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Ranks sharing a CPU host split its cores instead of oversubscribing them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+        # Same initial weights on every rank (DeepSpeed also broadcasts them); data and dropout seeds differ per rank.
+        _seed_everything(cfg.run.seed)
+
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.tokenizer = build_tokenizer(cfg.model.text.name_or_path)
+        # The full model is built on every rank and partitioned by deepspeed.initialize; this keeps pretrained
+        # weights loading as usual under every stage (zero.Init would be needed only for models that do not fit
+        # one host's memory, far beyond CLIP sizes).
+        model = build_model(cfg.model, device="cpu")
+        self.data_cfg = model.image_tower.data_config()  # reads timm's pretrained_cfg only, safe under ZeRO-3
+        _seed_everything(cfg.run.seed * 1000 + info.rank + 1)
+
+        self.loader = self._build_loader(data_factory)
+        self.steps_per_epoch = len(self.loader) // self.batch.grad_accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"one epoch has {len(self.loader)} batches per rank, fewer than optim.grad_accum_steps="
+                f"{self.batch.grad_accum_steps}: use more data, a smaller batch, or fewer accumulation steps"
+            )
+        if cfg.schedule.total_steps is not None:
+            self.total_steps = cfg.schedule.total_steps
+        else:
+            self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+        offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+        optimizer = build_optimizer(
+            model,
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            cpu_offload=offload,
+        )
+        # Handed to deepspeed.initialize, so it is stepped at accumulation boundaries and saved/restored with the
+        # engine under every ZeRO stage (a scheduler kept outside is not restored under ZeRO-3).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, build_lr_lambda(self.total_steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, dist_init_required=False
+        )
+        self.model: DualEncoder = self.engine.module
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
+
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, rank=info.rank)
+        self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard)
+        self.step = 0
+        self.last_saved_step = -1
+        self.pos = DataPosition()
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.max_nonfinite_streak = 5
+        self.last_eval: dict[str, Any] | None = None
+        if cfg.checkpoint.resume:
+            self._resume(cfg.checkpoint.resume)
+        self._log_plan()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _build_loader(self, data_factory):
+        micro = self.batch.micro_batch_size
+        if data_factory is not None:
+            return data_factory(self.info.rank, self.info.world_size, micro)
+        from ..data import build_image_transform, build_train_loader
+
+        dc = self.data_cfg
+        transform = build_image_transform(
+            self.cfg.model.image.image_size,
+            mean=dc["mean"],
+            std=dc["std"],
+            train=True,
+            scale=tuple(self.cfg.data.rrc_scale),
+            hflip=self.cfg.data.hflip,
+        )
+        return build_train_loader(
+            self.cfg.data.train_data,
+            tokenizer=self.tokenizer,
+            image_transform=transform,
+            batch_size=micro,
+            num_workers=self.cfg.data.num_workers,
+            seed=self.cfg.run.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            mode=self.cfg.data.mode,
+            samples_per_epoch=self.cfg.data.samples_per_epoch,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            max_text_len=self.cfg.model.text.max_length,
+            caption_key=self.cfg.data.caption_key,
+        )
+
+    def _log_plan(self) -> None:
+        b = self.batch
+        n = b.global_batch_size if self.cfg.optim.grad_cache else b.micro_batch_size * b.world_size
+        counts = self.model.param_counts()
+        log.info("run folder %s", self.run_dir)
+        log.info("%s", b.describe(self.cfg.optim.grad_cache))
+        log.info(
+            "ZeRO stage %d, %s, %d steps (%d per epoch, %d epochs), loss list N=%d, parameters %s",
+            self.zero_stage,
+            self.cfg.run.precision,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.epochs,
+            n,
+            counts["total"],
+        )
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    def rank_weight(self, step: int) -> float:
+        """w(t) for optimizer step ``step`` (0-based); 0 for the plain-CLIP baseline."""
+        lc = self.cfg.loss
+        if not lc.ranking:
+            return 0.0
+        if lc.rank_weight_schedule == "epoch":
+            epoch = step // self.steps_per_epoch + 1  # the released code counts epochs from 1
+            return official_rank_weight(epoch, self.epochs, w_max=lc.rank_weight_max)
+        return step_rank_weight(step, self.total_steps, w_max=lc.rank_weight_max, hold_from=lc.rank_weight_hold_from)
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        if images.is_floating_point():
+            images = images.to(self.dtype)
+        return images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
+        lc = self.cfg.loss
+        return rankclip_loss(
+            img,
+            txt,
+            logit_scale,
+            rank_weight=w,
+            lambda_cross=lc.lambda_cross,
+            lambda_in=lc.lambda_in,
+            impl=lc.impl,
+            comm=lc.comm,
+            chunk_size=lc.chunk_size,
+            top_k=lc.top_k,
+            position_weighting=lc.position_weighting,
+            group=self.group,
+        )
+
+    def _finite_or_skip(self, out: dict, where: str) -> bool:
+        """True if the loss is finite. The loss is a global value, so every rank takes the same branch."""
+        if torch.isfinite(out["loss"]).item():
+            self.nonfinite_streak = 0
+            return True
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        bad = [k for k in ("clip", "cross", "inmodal") if k in out and not torch.isfinite(out[k]).item()]
+        log.warning(
+            "step %d (%s): non-finite loss (components %s); this micro-batch contributes no gradient (%d in a row, "
+            "%d in total)",
+            self.step,
+            where,
+            bad or "unknown",
+            self.nonfinite_streak,
+            self.nonfinite_total,
+        )
+        if self.nonfinite_streak >= self.max_nonfinite_streak:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} consecutive non-finite losses up to step {self.step} (components {bad}); "
+                "lower optim.lr, use bf16 instead of fp16, or check the data"
+            )
+        return False
+
+    @staticmethod
+    def _zero_loss(*outputs: torch.Tensor) -> torch.Tensor:
+        """A loss with exactly zero gradient built from this forward's outputs, so a skipped micro-batch still runs
+        DeepSpeed's backward hooks for every parameter and every rank keeps the same reduction schedule."""
+        return sum(o.float().sum() for o in outputs) * 0.0
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns this step's scalars."""
+        w = self.rank_weight(self.step)
+        if self.cfg.optim.grad_cache:
+            out = self._grad_cache_step(micro_batches, w)
+        else:
+            out = self._accumulation_step(micro_batches, w)
+        self._clamp_logit_scale()
+        out["rank_weight"] = w
+        return out
+
+    def _accumulation_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        world = self.info.world_size
+        for i, batch in enumerate(micro_batches):
+            images, ids, mask = self._to_device(batch)
+            img, txt, logit_scale = self.engine(images, ids, mask)
+            out = self._loss(img, txt, logit_scale, w)
+            finite = self._finite_or_skip(out, f"micro-batch {i}")
+            loss = out["loss"] if finite else self._zero_loss(img, txt, logit_scale)
+            # The loss's gradients are those of the global loss; DeepSpeed averages over ranks: undo that.
+            self.engine.backward(loss * world)
+            self.engine.step()
+            for k in ("loss", "clip", "cross", "inmodal"):
+                sums[k] = sums.get(k, 0.0) + float(out[k].detach()) / len(micro_batches)
+        return sums
+
+    def _grad_cache_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
+        """GradCache: embed all micro-batches without autograd, one loss over the whole global batch, then re-run
+        each micro-batch with autograd and inject the cached embedding gradients (same RNG as the first pass)."""
+        world = self.info.world_size
+        rng_states, imgs, txts, scale = [], [], [], None
+        with torch.no_grad():
+            for batch in micro_batches:
+                rng_states.append(_capture_torch_rng())
+                img, txt, scale = self.engine(*self._to_device(batch))
+                imgs.append(img.float())
+                txts.append(txt.float())
+        img_all = torch.cat(imgs).requires_grad_(True)  # (accum × b, D): this rank's rows of the global list
+        txt_all = torch.cat(txts).requires_grad_(True)
+        scale_leaf = scale.detach().float().requires_grad_(True)
+        out = self._loss(img_all, txt_all, scale_leaf, w)
+        finite = self._finite_or_skip(out, "gradient-cache loss")
+        if finite:
+            out["loss"].backward()
+        sizes = [len(x) for x in imgs]
+        g_img = img_all.grad.split(sizes) if finite else None
+        g_txt = txt_all.grad.split(sizes) if finite else None
+        for i, batch in enumerate(micro_batches):
+            _restore_torch_rng(rng_states[i])
+            img, txt, logit_scale = self.engine(*self._to_device(batch))
+            if finite:
+                surrogate = (img.float() * g_img[i]).sum() + (txt.float() * g_txt[i]).sum()
+                if i == 0:  # the logit scale's (local share of the) gradient enters once
+                    surrogate = surrogate + (logit_scale.float() * scale_leaf.grad).sum()
+            else:
+                surrogate = self._zero_loss(img, txt, logit_scale)
+            # The surrogate carries the full gradient: no division by the accumulation steps, and undo the
+            # DeepSpeed mean over ranks.
+            self.engine.backward(surrogate * world, scale_wrt_gas=False)
+            self.engine.step()
+        return {k: float(out[k].detach()) for k in ("loss", "clip", "cross", "inmodal")}
+
+    def _clamp_logit_scale(self) -> None:
+        import deepspeed
+
+        param = self.model.logit_scale
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if self.info.rank == 0 or self.zero_stage < 3:
+                self.model.clamp_logit_scale_()
+
+    def logit_scale_value(self) -> float:
+        """The raw (log) logit scale, gathered under ZeRO-3."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([self.model.logit_scale]):
+            return float(self.model.logit_scale.detach().float())
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _micro_batches(self) -> Iterator[list[dict]]:
+        """Yields the micro-batches of each optimizer step, advancing epochs; the tail of an epoch that cannot
+        fill a whole step is skipped (identically on every rank)."""
+        accum = self.batch.grad_accum_steps
+        while True:
+            it = self.loader.epoch_iter(self.pos.epoch)
+            while self.pos.batches + accum <= len(self.loader):
+                group = [next(it) for _ in range(accum)]
+                self.pos.batches += accum
+                yield group
+            self.pos = DataPosition(self.pos.epoch + 1, 0)
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``total_steps``; returns a summary."""
+        cfg = self.cfg
+        start = time.time()
+        log.info("training from step %d to %d", self.step, self.total_steps)
+        stop = StopRequest(self.group, self.device)
+        try:
+            stopped = self._loop(stop, start)
+        finally:
+            stop.restore()
+        if stopped:
+            if self.last_saved_step != self.step:
+                self.save()
+            log.warning(
+                "stopped by %s after step %d; checkpoint saved, exit code %d asks for a requeue",
+                signal.Signals(stopped).name,
+                self.step,
+                REQUEUE_EXIT_CODE,
+            )
+            return self._summary(start, export=None, stopped=stopped)
+        if self.last_saved_step != self.step:
+            self.save()
+        if cfg.eval.zeroshot_data and (not cfg.eval.every_steps or self.step % cfg.eval.every_steps):
+            self.evaluate()
+        export = self.export() if cfg.checkpoint.export else None
+        return self._summary(start, export=export, stopped=None)
+
+    def _summary(self, start: float, *, export: Path | None, stopped: int | None) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.ckpt.latest()),
+            "export": str(export) if export else None,
+            "eval": self.last_eval,
+            "seconds": time.time() - start,
+            "stopped_by_signal": stopped,
+        }
+
+    def _loop(self, stop: StopRequest, start: float) -> int | None:
+        """Steps until ``total_steps``, or until a stop signal reached any rank (returns its number)."""
+        cfg = self.cfg
+        batches = self._micro_batches()
+        timer, window, first_step = StepTimer(), {}, self.step
+        while self.step < self.total_steps:
+            t0 = time.time()
+            micro = next(batches)
+            t1 = time.time()
+            self.engine.train()
+            out = self.train_step(micro)
+            self.step += 1
+            timer.add(t1 - t0, time.time() - t0, self.batch.global_batch_size)
+            for k, v in out.items():
+                window[k] = window.get(k, 0.0) + v
+            if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                self._log_window(window, timer, start, first_step)
+                window, timer = {}, StepTimer()
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                self.evaluate()
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.save()
+            signum = stop.agreed()
+            if signum:
+                return signum
+        return None
+
+    def _log_window(self, window: dict[str, float], timer: StepTimer, start: float, first_step: int) -> None:
+        n = timer.steps
+        scalars = {f"train/{k}": v / n for k, v in window.items() if k != "rank_weight"}
+        scalars["train/rank_weight"] = window.get("rank_weight", 0.0) / n
+        raw = self.logit_scale_value()
+        scalars["train/logit_scale_raw"] = raw
+        scalars["train/logit_scale"] = min(math.exp(raw), self.cfg.model.max_logit_scale)
+        scalars["train/lr"] = float(self.engine.get_lr()[0])
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        loss_scale = _loss_scale(self.engine)
+        if loss_scale is not None:
+            scalars["train/loss_scale"] = loss_scale
+        scalars["train/skipped_steps"] = float(getattr(self.engine, "skipped_steps", 0))
+        scalars["train/nonfinite_losses"] = float(self.nonfinite_total)
+        scalars.update(timer.summary(self.info.world_size))
+        scalars.update(memory_stats(self.device))
+        for reason, count in self.loader.skip_counts().items():
+            scalars[f"data/skipped_{reason}"] = float(count)
+        scalars["train/epoch"] = self.pos.epoch + self.pos.batches / max(1, len(self.loader))
+        self.metrics.scalars(self.step, scalars)
+        elapsed = time.time() - start
+        done = self.step - first_step
+        eta = elapsed / done * (self.total_steps - self.step) if done else 0.0
+        mem_key = "memory/cuda_peak_gib" if "memory/cuda_peak_gib" in scalars else "memory/rss_peak_gib"
+        log.info(
+            "step %d/%d | loss %.4f (clip %.4f cross %.2f in %.2f) w %.3f | scale %.2f | lr %.2e | %.1f samples/s "
+            "| data %.0f%% | mem %.2f GiB | eta %s",
+            self.step,
+            self.total_steps,
+            scalars["train/loss"],
+            scalars["train/clip"],
+            scalars["train/cross"],
+            scalars["train/inmodal"],
+            scalars["train/rank_weight"],
+            scalars["train/logit_scale"],
+            scalars["train/lr"],
+            scalars.get("perf/samples_per_s", 0.0),
+            100 * scalars.get("perf/data_wait_fraction", 0.0),
+            scalars.get(mem_key, 0.0),
+            format_duration(eta),
+        )
+        self.metrics.flush()
+
+    # ------------------------------------------------------------------------------------------------ eval
+    def evaluate(self) -> dict[str, Any] | None:
+        """Zero-shot evaluation on ``eval.zeroshot_data`` (every rank takes part); logged and appended to
+        ``<run>/eval.jsonl``."""
+        cfg = self.cfg.eval
+        if not cfg.zeroshot_data:
+            return None
+        from ..evaluate import zeroshot_eval
+
+        self.engine.eval()
+        dc = self.data_cfg
+        # Under ZeRO-3 evaluate an unpartitioned copy: each rank evaluates its own slice, and ZeRO-3's per-module
+        # gathers would otherwise be collectives issued a different number of times on different ranks.
+        model = self.unpartitioned_model() if self.zero_stage == 3 else self.model
+        with torch.no_grad():
+            result = zeroshot_eval(
+                model,
+                self.tokenizer,
+                data=cfg.zeroshot_data,
+                classnames=cfg.classnames,
+                templates=cfg.templates,
+                image_size=self.cfg.model.image.image_size,
+                mean=dc["mean"],
+                std=dc["std"],
+                batch_size=cfg.batch_size,
+                max_length=self.cfg.model.text.max_length,
+                device=self.device,
+            )
+        self.engine.train()
+        summary = {k: result[k] for k in ("top1", "top5", "mean_per_class", "num_samples", "num_classes")}
+        chance = 1.0 / max(1, summary["num_classes"])
+        self.metrics.scalars(self.step, {f"eval/zeroshot_{k}": summary[k] for k in ("top1", "top5", "mean_per_class")})
+        self.metrics.eval_record(self.step, {"task": "zeroshot", **summary, "chance": chance})
+        log.info(
+            "eval step %d: zero-shot top-1 %.1f%% top-5 %.1f%% (chance %.1f%%, %d images, %d classes)",
+            self.step,
+            100 * summary["top1"],
+            100 * summary["top5"],
+            100 * chance,
+            summary["num_samples"],
+            summary["num_classes"],
+        )
+        self.last_eval = {**summary, "chance": chance}
+        return self.last_eval
+
+    def unpartitioned_model(self) -> DualEncoder:
+        """A plain copy of the current model with every parameter materialised (all ranks must call this under
+        ZeRO-3: the gather is a collective). Used for evaluation and export checks."""
+        import deepspeed
+
+        params = dict(self.model.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in params.items()}
+        copy = build_model(_architecture_only(self.cfg).model, device="cpu")
+        copy.load_state_dict(state, strict=True)
+        return copy.to(self.device).eval()
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Client state stored with every checkpoint (DeepSpeed stores the engine, optimizer and scheduler)."""
+        return {
+            "step": self.step,
+            "epoch": self.pos.epoch,
+            "batches_in_epoch": self.pos.batches,
+            "samples_in_epoch_per_rank": self.pos.batches * self.batch.micro_batch_size,
+            "world_size": self.info.world_size,
+            "nonfinite_total": self.nonfinite_total,
+            "config": json.dumps(config_to_dict(self.cfg)),
+        }
+
+    def save(self) -> Path:
+        path = self.ckpt.save(self.engine, self.step, self.state_dict())
+        self.last_saved_step = self.step
+        return path
+
+    def _resume(self, resume: str) -> None:
+        path = self.ckpt.resolve(resume)
+        if path is None:
+            log.info(
+                "checkpoint.resume=%s: no complete checkpoint in %s yet; starting from scratch", resume, self.ckpt.dir
+            )
+            return
+        client = self.ckpt.load(self.engine, path)
+        self.step = int(client["step"])
+        self.last_saved_step = self.step
+        self.pos = DataPosition(int(client["epoch"]), int(client["batches_in_epoch"]))
+        self.nonfinite_total = int(client.get("nonfinite_total", 0))
+        self.loader.resume(self.pos.epoch, samples=int(client["samples_in_epoch_per_rank"]))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.pos.epoch, self.pos.batches)
+
+    def export(self) -> Path | None:
+        """Consolidated fp32 weights from the latest checkpoint (DeepSpeed's own ZeRO consolidation), written by
+        rank 0 as ``<run>/export/{model.safetensors,config.json}``."""
+        latest = self.ckpt.latest()
+        if latest is None:
+            return None
+        out = self.run_dir / "export"
+        if self.info.is_main:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(latest.parent), tag=latest.name)
+            save_export(state, self.cfg, out)
+            log.info("exported consolidated fp32 weights to %s", out)
+        if self.group is not None:
+            dist.barrier()
+        return out
+
+    def close(self) -> None:
+        self.metrics.close()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def _capture_torch_rng() -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _restore_torch_rng(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _loss_scale(engine) -> float | None:
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if isinstance(value, (int, float, torch.Tensor)):
+            return float(value)
+    return None
+
+
+def _architecture_only(cfg: Config) -> Config:
+    """The config with pretrained-weight loading switched off: for rebuilding a model whose weights come from
+    elsewhere (an export, a gathered state)."""
+    from ..export import architecture_config
+
+    return architecture_config(cfg)

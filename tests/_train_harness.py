@@ -1,0 +1,139 @@
+"""Runs the real Trainer (real DeepSpeed engine, real distributed loss) on a fixed in-memory dataset, under a real
+launcher (torchrun or deepspeed), and records what the tests compare.
+
+    torchrun --nproc_per_node 2 tests/_train_harness.py SPEC.json
+
+SPEC (JSON): ``overrides`` (config overrides list), ``ds`` (DeepSpeed JSON dict), ``out`` (folder for results),
+``pool`` (samples in the fixed dataset), ``probe`` (extra checks: "zero3_logit_scale").
+Each rank writes ``<out>/rank<r>.json`` with the per-step scalars; rank 0 also writes the embeddings of a fixed
+probe batch (``probe_emb.pt``) computed by the live model after training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from rankclip_ds.config import load_config
+from rankclip_ds.dist import read_dist_env, setup_logging
+from rankclip_ds.trainer import Trainer
+
+SEQ_LEN = 12
+VOCAB_LOW, VOCAB_HIGH = 1000, 5000
+
+
+def make_pool(n: int, image_size: int, seed: int = 1234) -> dict[str, torch.Tensor]:
+    """A fixed dataset of ``n`` (image, caption tokens) pairs, identical in every process."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, image_size, image_size, generator=g)
+    ids = torch.randint(VOCAB_LOW, VOCAB_HIGH, (n, SEQ_LEN), generator=g)
+    lengths = torch.randint(4, SEQ_LEN + 1, (n,), generator=g)
+    mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
+    ids[:, 0] = 101  # [CLS]
+    ids = ids * mask
+    return {"image": images, "input_ids": ids, "attention_mask": mask}
+
+
+class FixedBatches:
+    """Deterministic batches: step s's global batch is the same set of samples whatever the world size, micro
+    batch or accumulation split (micro-batch t of rank r in step s holds global rows ((s·W + r)·A + t)·b …)."""
+
+    def __init__(self, pool: dict[str, torch.Tensor], rank: int, world: int, micro: int, accum: int) -> None:
+        self.pool, self.rank, self.world, self.micro, self.accum = pool, rank, world, micro, accum
+        n = len(pool["image"])
+        self.global_batch = micro * accum * world
+        self.steps_per_epoch = n // self.global_batch
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.accum
+
+    def resume(self, epoch: int, *, samples: int = 0, state=None) -> None:
+        self.start = samples // self.micro
+
+    def skip_counts(self) -> dict[str, int]:
+        return {}
+
+    def epoch_iter(self, epoch: int):
+        perm = torch.randperm(len(self.pool["image"]), generator=torch.Generator().manual_seed(epoch))
+        start, self.start = self.start, 0
+        for j in range(start, len(self)):
+            s, t = divmod(j, self.accum)
+            first = ((s * self.world + self.rank) * self.accum + t) * self.micro
+            rows = perm[first : first + self.micro]
+            yield {k: v[rows] for k, v in self.pool.items()}
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(None, spec["overrides"])
+    info = read_dist_env()
+    setup_logging(info, "INFO")
+    image_size = cfg.model.image.image_size
+    pool = make_pool(spec.get("pool", 64), image_size)
+    accum = cfg.optim.grad_accum_steps
+
+    def factory(rank, world, micro):
+        return FixedBatches(pool, rank, world, micro, accum)
+
+    trainer = Trainer(cfg, spec["ds"], info, data_factory=factory)
+    records = []
+    step_fn = trainer.train_step
+
+    send = spec.get("signal")  # {"rank": r, "step": k, "name": "SIGUSR1"}: deliver a real signal to that rank
+
+    def recording_step(micro_batches):
+        result = step_fn(micro_batches)
+        records.append({"step": trainer.step + 1, **result, "logit_scale_raw": trainer.logit_scale_value()})
+        if send and info.rank == send["rank"] and trainer.step + 1 == send["step"]:
+            os.kill(os.getpid(), getattr(signal, send["name"]))
+        return result
+
+    trainer.train_step = recording_step
+    summary = trainer.train()
+    result = {"records": records, "summary": summary, "world": info.world_size}
+
+    import deepspeed
+
+    probe = {k: v[:8] for k, v in pool.items()}
+    model = trainer.unpartitioned_model()  # a collective under ZeRO-3: every rank calls it
+    with torch.no_grad():
+        emb_img = model.encode_image(probe["image"])
+        emb_txt = model.encode_text(probe["input_ids"], probe["attention_mask"])
+    live = {k: v.detach().clone() for k, v in model.named_parameters()}
+    if info.is_main:
+        torch.save({"image": emb_img, "text": emb_txt, "probe": probe, "live": live}, out / "probe_emb.pt")
+
+    if spec.get("probe") == "zero3_logit_scale":
+        p = trainer.model.logit_scale
+        result["logit_scale_partitioned"] = bool(getattr(p, "ds_numel", None)) and p.numel() == 0
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if info.rank == 0:
+                p.data.fill_(math.log(cfg.model.max_logit_scale) + 1.0)  # push it past the clamp
+        result["before_clamp"] = trainer.logit_scale_value()
+        trainer._clamp_logit_scale()
+        result["after_clamp"] = trainer.logit_scale_value()
+    trainer.close()
+    (out / f"rank{info.rank}.json").write_text(json.dumps(result, default=str))
+    if summary["stopped_by_signal"]:
+        sys.exit(trainer_exit_code())
+
+
+def trainer_exit_code() -> int:
+    from rankclip_ds.trainer import REQUEUE_EXIT_CODE
+
+    return REQUEUE_EXIT_CODE
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The DeepSpeed trainer, run for real: 2-rank CPU engines under torchrun with ZeRO 1/2/3, data-parallel and
+gradient-caching equivalence, exact resume, the ZeRO-3 logit scale, consolidation and export, TensorBoard events.
+
+Every run goes through ``tests/_train_harness.py`` (the real Trainer on a fixed in-memory dataset whose global
+batches are the same samples whatever the world size or accumulation split). Runs are cached per session and
+shared between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, clean_launcher_env, free_port
+
+pytestmark = [pytest.mark.distributed]
+
+HARNESS = str(Path(REPO_ROOT, "tests", "_train_harness.py"))
+TINY = [
+    "--model.image.image_size", "32",
+    "--model.image.model_kwargs", "{patch_size: 8, depth: 1}",
+    "--model.text.pretrained", "false",
+    "--model.text.overrides", "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64, "
+    "hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}",
+    "--model.embed_dim", "16",
+    "--optim.lr", "2e-3",
+    "--schedule.total_steps", "6",
+    "--schedule.warmup_steps", "1",
+    "--loss.rank_weight_hold_from", "0.2",
+    "--logging.log_every", "1",
+    "--checkpoint.every_steps", "3",
+]  # fmt: skip
+ZERO = {1: {"stage": 1}, 2: {"stage": 2}, 3: {"stage": 3, "stage3_param_persistence_threshold": 0}}
+# fp32 on the CPU: different reduction orders (ZeRO stages, 1 vs 2 ranks) differ by float rounding only.
+RTOL, ATOL = 2e-5, 1e-6
+# Parameters get a looser absolute tolerance: Adam divides each gradient by its own running RMS, so a parameter
+# whose true gradient is zero (an attention key bias: softmax ignores it) moves by ~lr in a direction set by
+# rounding noise. A real error (a gradient off by the world size, a missing term) shifts the losses, compared
+# tightly, and every parameter by ~lr = 2e-3.
+PARAM_RTOL, PARAM_ATOL = 1e-3, 2e-4
+
+
+def run_harness(
+    out: Path, overrides: list[str], ds: dict, nproc: int = 2, probe: str | None = None, signal: dict | None = None
+) -> dict:
+    # The default run folder comes first so that an override of it wins.
+    spec = {"overrides": [*TINY, "--run.output_dir", str(out / "runs"), *overrides], "ds": ds, "out": str(out),
+            "pool": 64}  # fmt: skip
+    if probe:
+        spec["probe"] = probe
+    if signal:
+        spec["signal"] = signal
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), HARNESS, str(out / "spec.json")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=clean_launcher_env())
+    (out / "log.txt").write_text(proc.stdout + proc.stderr)
+    expected = 0 if signal is None else 1  # torchrun reports a worker's non-zero exit as its own 1
+    assert proc.returncode == expected, f"harness exit {proc.returncode} ({out}):\n{proc.stderr[-4000:]}"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return {"ranks": ranks, "records": ranks[0]["records"], "dir": out, "run": Path(ranks[0]["summary"]["run_dir"])}
+
+
+class Runs:
+    """Session cache: each configuration runs once."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.cache = base, {}
+
+    def get(self, name: str, overrides: list[str], ds: dict, nproc: int = 2, probe: str | None = None) -> dict:
+        if name not in self.cache:
+            self.cache[name] = run_harness(self.base / name, overrides, ds, nproc, probe)
+        return self.cache[name]
+
+    def zero(self, stage: int) -> dict:
+        probe = "zero3_logit_scale" if stage == 3 else None
+        return self.get(f"zero{stage}", ["--optim.micro_batch_size", "8"], {"zero_optimization": ZERO[stage]},
+                        probe=probe)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("trainer"))
+
+
+def losses(run: dict, key: str = "loss") -> list[float]:
+    return [r[key] for r in run["records"]]
+
+
+def export_state(run: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run["run"] / "export" / "model.safetensors"))
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol=RTOL, atol=ATOL) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.timeout(900)
+def test_zero_stages_give_the_same_falling_losses(runs):
+    z1, z2, z3 = runs.zero(1), runs.zero(2), runs.zero(3)
+    for run in (z1, z2, z3):
+        assert len(run["records"]) == 6
+        # Every rank logs the same global loss.
+        assert losses(run) == [r["loss"] for r in run["ranks"][1]["records"]]
+        # With the ranking weight at its plateau from step 2 on, the loss falls on the fixed dataset.
+        assert losses(run)[-1] < losses(run)[1] - 0.1, losses(run)
+    np_z1, np_z2, np_z3 = (torch.tensor(losses(r)) for r in (z1, z2, z3))
+    torch.testing.assert_close(np_z1, np_z2, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(np_z3, np_z2, rtol=RTOL, atol=ATOL)
+    assert_same_params(export_state(z1), export_state(z2), rtol=PARAM_RTOL, atol=PARAM_ATOL)
+    assert_same_params(export_state(z3), export_state(z2), rtol=PARAM_RTOL, atol=PARAM_ATOL)
+
+
+@pytest.mark.timeout(600)
+def test_two_ranks_equal_one_rank_with_twice_the_batch(runs):
+    two = runs.zero(2)
+    one = runs.get("one_rank_b16", ["--optim.micro_batch_size", "16"], {"zero_optimization": ZERO[2]}, nproc=1)
+    torch.testing.assert_close(torch.tensor(losses(one)), torch.tensor(losses(two)), rtol=RTOL, atol=ATOL)
+    for key in ("clip", "cross", "inmodal", "logit_scale_raw"):
+        torch.testing.assert_close(torch.tensor(losses(one, key)), torch.tensor(losses(two, key)), rtol=1e-4, atol=1e-6)
+    assert_same_params(export_state(one), export_state(two), rtol=PARAM_RTOL, atol=PARAM_ATOL)
+
+
+@pytest.mark.timeout(600)
+def test_gradient_caching_equals_one_big_batch(runs):
+    big = runs.zero(2)  # micro 8, accum 1, 2 ranks: N = 16
+    cached = runs.get(
+        "grad_cache_4x2",
+        ["--optim.micro_batch_size", "4", "--optim.grad_accum_steps", "2", "--optim.grad_cache", "true"],
+        {"zero_optimization": ZERO[2]},
+    )
+    assert [r["rank_weight"] for r in cached["records"]][-1] == 2.0  # ranking terms on
+    torch.testing.assert_close(torch.tensor(losses(cached)), torch.tensor(losses(big)), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        torch.tensor(losses(cached, "inmodal")), torch.tensor(losses(big, "inmodal")), rtol=1e-4, atol=1e-5
+    )
+    assert_same_params(export_state(cached), export_state(big), rtol=PARAM_RTOL, atol=PARAM_ATOL)
+
+
+@pytest.mark.timeout(600)
+def test_plain_accumulation_is_not_gradient_caching(runs):
+    """Without caching each micro-step's list is only micro × world: the losses differ from the big batch's."""
+    plain = runs.get(
+        "accum_4x2",
+        ["--optim.micro_batch_size", "4", "--optim.grad_accum_steps", "2"],
+        {"zero_optimization": ZERO[2]},
+    )
+    assert abs(losses(plain)[0] - losses(runs.zero(2))[0]) > 1e-3
+
+
+@pytest.mark.timeout(900)
+def test_resume_continues_exactly(runs, tmp_path):
+    full = runs.zero(2)
+    out = tmp_path / "resume"
+    ds = {"zero_optimization": ZERO[2]}
+    # The first run stops after its step-3 checkpoint (as if killed there), the second resumes from it.
+    first = run_harness(out / "a", ["--optim.micro_batch_size", "8", "--schedule.total_steps", "6",
+                                    "--run.output_dir", str(out / "shared")], ds)  # fmt: skip
+    assert len(first["records"]) == 6
+    ckpt_root = out / "shared" / "rankclip" / "checkpoints"
+    # Roll the run back to its step-3 checkpoint: what a crash after step 3's save leaves behind.
+    (ckpt_root / "latest").write_text("step_00000003")
+    import shutil
+
+    shutil.rmtree(ckpt_root / "step_00000006")
+    second = run_harness(out / "b", ["--optim.micro_batch_size", "8", "--checkpoint.resume", "latest",
+                                     "--run.output_dir", str(out / "shared")], ds)  # fmt: skip
+    steps = [r["step"] for r in second["records"]]
+    assert steps == [4, 5, 6]
+    torch.testing.assert_close(torch.tensor(losses(second)), torch.tensor(losses(full)[3:]), rtol=RTOL, atol=ATOL)
+    assert_same_params(export_state(second), export_state(full), rtol=PARAM_RTOL, atol=PARAM_ATOL)
+
+
+@pytest.mark.timeout(900)
+def test_zero3_logit_scale_is_clamped_logged_and_exported(runs):
+    z3 = runs.zero(3)
+    for rank in z3["ranks"]:
+        assert rank["logit_scale_partitioned"] is True  # really a partitioned parameter in this run
+        assert rank["before_clamp"] == pytest.approx(math.log(100.0) + 1.0)
+        assert rank["after_clamp"] == pytest.approx(math.log(100.0))
+    assert all(math.isfinite(r["logit_scale_raw"]) for r in z3["records"])
+    state = export_state(z3)
+    assert "logit_scale" in state
+    assert state["logit_scale"].item() == pytest.approx(z3["records"][-1]["logit_scale_raw"], abs=1e-6)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_to_fp32_consolidation_and_export_reload(runs, stage, tmp_path):
+    import rankclip_ds
+    from rankclip_ds.model import build_model
+
+    run = runs.zero(stage)
+    ckpt = run["run"] / "checkpoints"
+    # DeepSpeed's own script, as DeepSpeed copies it beside the checkpoints.
+    script = ckpt / "zero_to_fp32.py"
+    assert script.is_file(), list(ckpt.iterdir())
+    out = tmp_path / "fp32"
+    proc = subprocess.run([sys.executable, str(script), str(ckpt), str(out), "--safe_serialization"],
+                          capture_output=True, text=True, timeout=300, env=clean_launcher_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    files = sorted(out.glob("*.safetensors"))
+    assert files, list(out.iterdir())
+    consolidated = {}
+    for f in files:
+        consolidated.update(load_file(str(f)))
+    probe = torch.load(run["dir"] / "probe_emb.pt", weights_only=True)
+    live = probe["live"]
+    assert consolidated.keys() == live.keys()  # nothing dropped (tied or scalar parameters included)
+    assert_same_params(consolidated, {k: v.float() for k, v in live.items()}, rtol=0, atol=0)
+
+    from rankclip_ds.config import load_config
+
+    model = build_model(load_config(run["run"] / "config.yaml").model)
+    model.load_state_dict(consolidated, strict=True)
+
+    exported = rankclip_ds.load_model(run["run"] / "export")
+    with torch.no_grad():
+        img = exported.encode_image(probe["probe"]["image"])
+        txt = exported.encode_text(probe["probe"]["input_ids"], probe["probe"]["attention_mask"])
+    torch.testing.assert_close(img, probe["image"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(txt, probe["text"], rtol=1e-5, atol=1e-6)
+
+
+REQUIRED_SCALARS = {
+    "train/loss", "train/clip", "train/cross", "train/inmodal", "train/rank_weight", "train/logit_scale",
+    "train/logit_scale_raw", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/samples_per_s",
+    "perf/samples_per_s_per_device", "perf/data_wait_fraction", "perf/step_time_s", "memory/rss_peak_gib",
+}  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_tensorboard_events_hold_the_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = runs.zero(2)
+    acc = EventAccumulator(str(run["run"] / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert tags >= REQUIRED_SCALARS, REQUIRED_SCALARS - tags
+    loss_events = acc.Scalars("train/loss")
+    assert [e.step for e in loss_events] == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(torch.tensor([e.value for e in loss_events]), torch.tensor(losses(run)))
+    assert [e.value for e in acc.Scalars("train/rank_weight")][-1] == pytest.approx(2.0)
+
+
+@pytest.mark.timeout(900)
+def test_signal_on_one_rank_stops_all_ranks_after_a_checkpoint(runs, tmp_path):
+    """SIGUSR1 delivered to rank 1 only during step 2: both ranks finish step 2, save it together, exit with the
+    requeue code; a resumed run continues exactly like the uninterrupted one."""
+    full = runs.zero(2)
+    out = tmp_path / "signal"
+    ds = {"zero_optimization": ZERO[2]}
+    common = ["--optim.micro_batch_size", "8", "--checkpoint.every_steps", "100", "--run.output_dir", str(out / "run")]
+    stopped = run_harness(out / "a", common, ds, signal={"rank": 1, "step": 2, "name": "SIGUSR1"})
+    log = (out / "a" / "log.txt").read_text()
+    assert "received SIGUSR1" in log and "exit code 75" in log
+    for rank in stopped["ranks"]:
+        assert [r["step"] for r in rank["records"]] == [1, 2]
+        assert rank["summary"]["stopped_by_signal"] == 10  # SIGUSR1
+    ckpts = out / "run" / "rankclip" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002"
+    assert not (out / "run" / "rankclip" / "export").exists()  # a preempted run is not finished: no export
+    resumed = run_harness(out / "b", [*common, "--checkpoint.resume", "latest"], ds)
+    assert [r["step"] for r in resumed["records"]] == [3, 4, 5, 6]
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(full)[2:]), rtol=RTOL, atol=ATOL)
