@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from test_data_pipeline import jpeg
 
-from rankclip_ds.data import build_eval_loader, build_image_transform, build_train_loader
+from rankclip_ds.data import build_image_transform, build_train_loader
 from rankclip_ds.data.records import iter_records
 from rankclip_ds.data.shard_writer import ShardSink, TarShardWriter
 from rankclip_ds.data.skips import SkipCounter
@@ -123,16 +123,18 @@ def test_bad_json_caption_and_bad_labels_are_counted(tmp_path):
 
     assert [extract_captions(r, "json:caption", skips) for r in records] == [None, ["ok"], ["ok"], None]
     assert skips.counts() == {"bad_json": 1, "missing_caption": 1}
-    loader = build_eval_loader(
+    from rankclip_ds.evaluate.datasets import open_eval_data
+
+    opened = open_eval_data(
         str(tmp_path / "e-000000.tar"),
         image_transform=build_image_transform(8, train=False),
         batch_size=8,
         classnames=["zero", "one"],
     )
-    batches = list(loader)
+    batches = list(opened.loader)
     assert [k for b in batches for k in b["key"]] == ["a", "d"]
     assert batches[0]["label"].tolist() == [0, 1]
-    assert loader.skips.counts() == {"bad_label": 2}
+    assert opened.skips.counts() == {"bad_label": 2}
 
 
 class _CreatesFile:
@@ -170,8 +172,14 @@ def test_pickle_members_are_never_unpickled(tmp_path, ext):
     assert sorted(keys) == ["k0", "k1", "k2", "k3"]
     assert not target.exists()
     assert loader.skip_counts() == {"unsafe_member": 4}
-    eval_loader = build_eval_loader(
-        str(tmp_path / "evil-000000.tar"), image_transform=build_image_transform(8, train=False), batch_size=2
+    from rankclip_ds.evaluate.datasets import open_eval_data
+
+    opened = open_eval_data(
+        str(tmp_path / "evil-000000.tar"),
+        image_transform=build_image_transform(8, train=False),
+        batch_size=2,
+        labels=False,
+        captions="txt",
     )
-    list(eval_loader)
+    assert len([k for b in opened.loader for k in b["key"]]) == 4
     assert not target.exists()

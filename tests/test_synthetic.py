@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from rankclip_ds.data import build_eval_loader, build_image_transform, build_train_loader, load_classnames, synthetic
+from rankclip_ds.data import build_image_transform, build_train_loader, synthetic
+from rankclip_ds.evaluate.datasets import load_classnames_file, open_eval_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -75,14 +76,14 @@ def test_loaders_read_the_synthetic_dataset(tmp_path):
     batches = list(loader.epoch_iter(0))
     assert len(batches) == 8 and batches[0]["image"].shape == (8, 3, 64, 64)
     assert not loader.skip_counts()
-    names = load_classnames(summary["classnames"])
+    names = load_classnames_file(summary["classnames"])
     assert names == synthetic.classnames()
-    eval_loader = build_eval_loader(
+    opened = open_eval_data(
         summary["zeroshot_spec"],
         image_transform=build_image_transform(64, train=False),
         batch_size=10,
         classnames=summary["classnames"],
     )
-    labels = [lbl for b in eval_loader for lbl in b["label"].tolist()]
+    labels = [lbl for b in opened.loader for lbl in b["label"].tolist()]
     assert len(labels) == 24 and set(labels) <= set(range(len(names)))
-    assert not eval_loader.skips.counts()
+    assert not opened.skips.counts()
