@@ -80,10 +80,16 @@ def test_train_py_under_the_deepspeed_launcher(shards, tmp_path):
 @pytest.mark.timeout(600)
 def test_train_py_under_torchrun(shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           TRAIN, "--deepspeed", ZERO2, *overrides(shards, tmp_path)]  # fmt: skip
+           TRAIN, "--deepspeed", ZERO2, *overrides(shards, tmp_path), "--logging.profile_loss", "true"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, env=clean_launcher_env(), cwd=REPO_ROOT)
     check_run(proc, tmp_path)
     assert "launcher=torchrun" in proc.stdout + proc.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "entry" / "tb"))
+    acc.Reload()
+    fractions = [e.value for e in acc.Scalars("perf/loss_time_fraction")]
+    assert fractions and all(0.0 < f < 1.0 for f in fractions)
 
 
 def test_training_without_deepspeed_json_is_refused(capsys):

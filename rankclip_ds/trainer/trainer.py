@@ -135,6 +135,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, rank=info.rank)
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard)
         self.step = 0
+        self.loss_seconds = 0.0  # time inside the loss in the current logging window (logging.profile_loss)
         self.last_saved_step = -1
         self.pos = DataPosition()
         self.nonfinite_total = 0
@@ -212,7 +213,23 @@ class Trainer:
             images = images.to(self.dtype)
         return images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _loss(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
+        if not self.cfg.logging.profile_loss:
+            return self._loss_call(img, txt, logit_scale, w)
+        # The loss forms its gradients in its forward (its backward only scales them), so timing the call
+        # measures its whole cost.
+        self._sync()
+        t0 = time.perf_counter()
+        out = self._loss_call(img, txt, logit_scale, w)
+        self._sync()
+        self.loss_seconds += time.perf_counter() - t0
+        return out
+
+    def _loss_call(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
         lc = self.cfg.loss
         return rankclip_loss(
             img,
@@ -432,6 +449,9 @@ class Trainer:
         scalars["train/skipped_steps"] = float(getattr(self.engine, "skipped_steps", 0))
         scalars["train/nonfinite_losses"] = float(self.nonfinite_total)
         scalars.update(timer.summary(self.info.world_size))
+        if self.cfg.logging.profile_loss and timer.total_s > 0:
+            scalars["perf/loss_time_fraction"] = self.loss_seconds / timer.total_s
+            self.loss_seconds = 0.0
         scalars.update(memory_stats(self.device))
         for reason, count in self.loader.skip_counts().items():
             scalars[f"data/skipped_{reason}"] = float(count)
