@@ -54,6 +54,8 @@ test-slow: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@if command -v shellcheck >/dev/null; then shellcheck -x slurm/*.sbatch slurm/*.sh slurm/lib/*.sh tests/slurm/*.sh tools/*.sh && echo "shellcheck: clean"; \
+	else echo "shellcheck not installed (apt-get install shellcheck): shell scripts not checked"; fi
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -6,6 +6,8 @@ Supported launchers, in order of precedence:
   ``GROUP_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (recognised by ``TORCHELASTIC_RUN_ID``).
 - the DeepSpeed launcher (``deepspeed train.py``): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_SIZE``,
   ``CROSS_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (it also passes ``--local_rank``, which the entry point accepts).
+- OpenMPI (``mpirun``, ``deepspeed --launcher openmpi``): ``OMPI_COMM_WORLD_RANK``, ``OMPI_COMM_WORLD_SIZE``,
+  ``OMPI_COMM_WORLD_LOCAL_RANK``, ``OMPI_COMM_WORLD_LOCAL_SIZE``, with ``MASTER_ADDR``/``MASTER_PORT`` exported.
 - SLURM with one task per device (``srun python train.py``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
   ``SLURM_NTASKS_PER_NODE``/``SLURM_TASKS_PER_NODE``, ``SLURM_NODEID``; the master address is the first host of
   ``SLURM_JOB_NODELIST`` (expanded here, no ``scontrol`` needed) and the port ``MASTER_PORT`` or one derived from
@@ -48,7 +50,7 @@ class DistInfo:
     master_addr: str
     master_port: int
     launcher: str
-    """``torchrun``, ``deepspeed``, ``slurm``, ``env`` (RANK/WORLD_SIZE set by hand) or ``single``."""
+    """``torchrun``, ``deepspeed``, ``openmpi``, ``slurm``, ``env`` (RANK/WORLD_SIZE set by hand) or ``single``."""
     device_type: str
     """``cuda`` or ``cpu``."""
 
@@ -67,7 +69,13 @@ class DistInfo:
 
     @property
     def device(self) -> str:
-        return f"cuda:{self.local_rank}" if self.device_type == "cuda" else "cpu"
+        """``cuda:<local rank>`` (modulo the visible devices: a site that binds one GPU per task shows each task
+        a single ``cuda:0``), or ``cpu``."""
+        if self.device_type != "cuda":
+            return "cpu"
+        import torch
+
+        return f"cuda:{self.local_rank % max(1, torch.cuda.device_count())}"
 
 
 class DistEnvError(RuntimeError):
@@ -178,6 +186,19 @@ def read_dist_env(env: Mapping[str, str] | None = None, device_type: str | None 
         node_rank = _int(env, "GROUP_RANK", _int(env, "CROSS_RANK", _int(env, "NODE_RANK", rank // local_world)))
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = _int(env, "MASTER_PORT", 29500)
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        # mpirun / `deepspeed --launcher openmpi`: the master address must come with the job (mpirun -x).
+        launcher = "openmpi"
+        rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+        local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
+        local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
+        node_rank = _int(env, "OMPI_COMM_WORLD_NODE_RANK", rank // local_world)
+        if world > 1 and not env.get("MASTER_ADDR"):
+            raise DistEnvError(
+                "OpenMPI launch without MASTER_ADDR: export it to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)"
+            )
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = _int(env, "MASTER_PORT", 29500)
     elif "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
         launcher = "slurm"
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
@@ -241,7 +262,7 @@ def init_distributed(
     ):
         os.environ[name] = str(value)
     if info.device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(torch.device(info.device))
     timeout = datetime.timedelta(minutes=timeout_minutes)
     log.info(
         "init process group: backend=%s rank=%d/%d local=%d master=%s:%d launcher=%s",

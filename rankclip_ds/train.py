@@ -105,8 +105,12 @@ def _train(cfg: Config, ds_path: str, info) -> int:
     from rankclip_ds.dist import setup_logging
     from rankclip_ds.ds_config import load_deepspeed_json
     from rankclip_ds.trainer import Trainer
+    from rankclip_ds.trainer.signals import StopRequest
 
     setup_logging(info, cfg.logging.level)
+    # Installed first and never removed: a SIGTERM/SIGUSR1 during start-up or during the final save, evaluation
+    # and export is recorded, never fatal; the training loop acts on it.
+    stop = StopRequest()
     try:
         ds_json = load_deepspeed_json(ds_path)
     except ConfigError as exc:
@@ -114,7 +118,7 @@ def _train(cfg: Config, ds_path: str, info) -> int:
         return 2
     trainer = Trainer(cfg, ds_json, info, ds_source=ds_path)
     try:
-        summary = trainer.train()
+        summary = trainer.train(stop)
     finally:
         trainer.close()
     if summary["stopped_by_signal"]:

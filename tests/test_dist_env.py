@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import free_port
 from rankclip_ds.dist import DistEnvError, DistInfo, expand_slurm_nodelist, read_dist_env, setup_logging
@@ -54,7 +55,9 @@ def test_torchrun_env():
 def test_deepspeed_launcher_env():
     info = read_dist_env(DEEPSPEED_ENV, device_type="cuda")
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == (3, 4, 1, 2, 1)
-    assert info.launcher == "deepspeed" and info.backend == "nccl" and info.device == "cuda:1"
+    assert info.launcher == "deepspeed" and info.backend == "nccl"
+    # local rank modulo the visible devices (one per task on sites that bind GPUs to tasks)
+    assert info.device == f"cuda:{1 % max(1, torch.cuda.device_count())}"
     assert (info.master_addr, info.master_port) == ("10.0.0.1", 29500)
 
 
@@ -74,6 +77,29 @@ def test_slurm_ntasks_per_node_and_plain_tasks_per_node():
     assert read_dist_env(env, "cpu").local_world_size == 4
     env = {**SLURM_ENV, "SLURM_TASKS_PER_NODE": "2,2,2,2", "SLURM_JOB_NUM_NODES": "4", "SLURM_LOCALID": "0"}
     assert read_dist_env(env, "cpu").local_world_size == 2
+
+
+def test_openmpi_env():
+    env = {
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29400",
+    }
+    info = read_dist_env(env, "cpu")
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == (
+        "openmpi",
+        5,
+        8,
+        1,
+        4,
+        1,
+    )
+    assert (info.master_addr, info.master_port) == ("n1", 29400)
+    with pytest.raises(DistEnvError, match="without MASTER_ADDR"):
+        read_dist_env({k: v for k, v in env.items() if k != "MASTER_ADDR"}, "cpu")
 
 
 def test_launcher_variables_win_over_slurm():

@@ -35,11 +35,20 @@ class StopRequest:
         self.group = group
         self.device = torch.device(device)  # nccl reduces CUDA tensors only
         self.signum: int | None = None
+        # DataLoader workers are forked after this and inherit the handler; srun signals every process of the
+        # step, so the handler acts only in the process that installed it.
+        self.pid = os.getpid()
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    def attach(self, group, device: torch.device | str) -> None:
+        """Set the process group and device once they exist (the handlers are installed before, at start-up)."""
+        self.group, self.device = group, torch.device(device)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked data worker: the training process decides
         if self.signum is not None:
             # Second signal: the graceful path is taking too long or is stuck; leave now.
             os._exit(128 + signum)

@@ -367,16 +367,23 @@ class Trainer:
                 yield group
             self.pos = DataPosition(self.pos.epoch + 1, 0)
 
-    def train(self) -> dict[str, Any]:
-        """Train to ``total_steps``; returns a summary."""
+    def train(self, stop: StopRequest | None = None) -> dict[str, Any]:
+        """Train to ``total_steps``; returns a summary.
+
+        ``stop``: the entry point installs it before building the trainer, so a signal during start-up is not
+        lost, and keeps it installed through the final save, evaluation and export. Without one, the handlers are
+        installed here for the loop only."""
         cfg = self.cfg
         start = time.time()
         log.info("training from step %d to %d", self.step, self.total_steps)
-        stop = StopRequest(self.group, self.device)
+        own = stop is None
+        stop = StopRequest(self.group, self.device) if own else stop
+        stop.attach(self.group, self.device)
         try:
-            stopped = self._loop(stop, start)
+            stopped = stop.agreed() or self._loop(stop, start)
         finally:
-            stop.restore()
+            if own:
+                stop.restore()
         if stopped:
             if self.last_saved_step != self.step:
                 self.save()
