@@ -1,0 +1,264 @@
+"""Typed loading of the config: defaults < YAML < ``--section.key value`` overrides, dumping, field docs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .sections import Config, ConfigError, _fail
+
+__all__ = [
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "field_docs",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` (from YAML or the command line) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"choose one of {list(args)}"
+            _fail(key, value, f"is not one of {list(args)}", hint)
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(key, value, "must be a mapping (a YAML section)", f"write {key}: {{...}} with its fields")
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(key, value, f"must be a list of {len(args)} values", f"write e.g. {key}: [a, b]")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, "must be a list", f"write {key}: [..]")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "must be a mapping", f"write {key}: {{name: value}}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "must be true or false", f"write {key}: true")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            _fail(key, value, "must be an integer", f"write {key} as a whole number")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "5e-4" (no dot) as a string; accept any text Python parses as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "must be a number", f"write {key} as a number, e.g. 5e-4")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            _fail(key, value, "must be a string", f"quote the value of {key}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not a user error
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+# Names users bring from other trainers (open_clip, timm, HF), mapped to ours for the "did you mean" hint.
+_KEY_ALIASES = {
+    "learning_rate": "lr",
+    "wd": "weight_decay",
+    "batch_size": "micro_batch_size",
+    "accum_freq": "grad_accum_steps",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "warmup": "warmup_steps",
+    "workers": "num_workers",
+    "model": "name",
+}
+
+
+def _unknown_key(cls: type, name: str, prefix: str) -> typing.NoReturn:
+    valid = list(_fields(cls))
+    alias = _KEY_ALIASES.get(name)
+    close = [alias] if alias in valid else difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    where = f"{prefix}." if prefix else ""
+    hint = f"did you mean {where}{close[0]}?" if close else f"valid keys here: {', '.join(valid)}"
+    raise ConfigError(f"unknown config key {where + name!r}: {hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in hints or name not in _fields(cls):
+            _unknown_key(cls, str(name), prefix)
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive: dataclass construction errors
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested plain data."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(data).__name__}")
+    return _build(Config, data)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested data (tuples become lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("model_kwargs", "overrides"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``["--optim.lr", "1e-3", "--model.image.name=resnet50"]`` into nested data.
+
+    Values are parsed as YAML scalars/flow collections (``true``, ``3``, ``[0.9, 1.0]``, ``null``); an argument
+    that is not ``--section.key`` is an error.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides look like --section.key VALUE (e.g. --optim.lr 1e-3)"
+            )
+        if "=" in arg:
+            dotted, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value: write {arg} VALUE")
+            dotted, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override --{dotted}: cannot parse value {raw!r} ({exc})") from exc
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{dotted} conflicts with an earlier override of --{part}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML ``path`` < ``--section.key value`` overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file. Fix: pass an existing YAML, e.g. configs/")
+        with p.open() as fh:
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--config {str(path)!r}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {str(path)!r}: the top level must be a mapping of sections")
+        data = loaded
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config (atomically: temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(p)
+    return p
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it), read from the source; used by ``--help-config``."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
