@@ -22,20 +22,17 @@ from ..config import Config, config_to_dict, resolve_batch, save_config
 from ..dist import DistInfo, init_distributed
 from ..ds_config import build_deepspeed_config, validate_with_deepspeed
 from ..export import save_export
-from ..losses import official_rank_weight, rankclip_loss, step_rank_weight
+from ..losses import official_rank_weight, step_rank_weight
 from ..model import DualEncoder, build_model, build_tokenizer
 from .checkpoint import CheckpointManager
 from .metrics import MetricsWriter, StepTimer, format_duration, memory_stats
 from .optim import build_lr_lambda, build_optimizer
 from .signals import REQUEUE_EXIT_CODE, StopRequest
+from .step import StepRunner
 
-__all__ = ["NonFiniteLossError", "Trainer"]
+__all__ = ["Trainer"]
 
 log = logging.getLogger("rankclip_ds.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses: the run stops instead of training on garbage."""
 
 
 @dataclass
@@ -135,12 +132,17 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, rank=info.rank)
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard)
         self.step = 0
-        self.loss_seconds = 0.0  # time inside the loss in the current logging window (logging.profile_loss)
         self.last_saved_step = -1
         self.pos = DataPosition()
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
-        self.max_nonfinite_streak = 5
+        self.stepper = StepRunner(
+            self.engine,
+            cfg.loss,
+            group=self.group,
+            world_size=info.world_size,
+            device=self.device,
+            dtype=self.dtype,
+            profile_loss=cfg.logging.profile_loss,
+        )
         self.last_eval: dict[str, Any] | None = None
         if cfg.checkpoint.resume:
             self._resume(cfg.checkpoint.resume)
@@ -207,137 +209,13 @@ class Trainer:
         return step_rank_weight(step, self.total_steps, w_max=lc.rank_weight_max, hold_from=lc.rank_weight_hold_from)
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = batch["image"].to(self.device, non_blocking=True)
-        if images.is_floating_point():
-            images = images.to(self.dtype)
-        return images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _loss(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
-        if not self.cfg.logging.profile_loss:
-            return self._loss_call(img, txt, logit_scale, w)
-        # The loss forms its gradients in its forward (its backward only scales them), so timing the call
-        # measures its whole cost.
-        self._sync()
-        t0 = time.perf_counter()
-        out = self._loss_call(img, txt, logit_scale, w)
-        self._sync()
-        self.loss_seconds += time.perf_counter() - t0
-        return out
-
-    def _loss_call(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
-        lc = self.cfg.loss
-        return rankclip_loss(
-            img,
-            txt,
-            logit_scale,
-            rank_weight=w,
-            lambda_cross=lc.lambda_cross,
-            lambda_in=lc.lambda_in,
-            impl=lc.impl,
-            comm=lc.comm,
-            chunk_size=lc.chunk_size,
-            top_k=lc.top_k,
-            position_weighting=lc.position_weighting,
-            group=self.group,
-        )
-
-    def _finite_or_skip(self, out: dict, where: str) -> bool:
-        """True if the loss is finite. The loss is a global value, so every rank takes the same branch."""
-        if torch.isfinite(out["loss"]).item():
-            self.nonfinite_streak = 0
-            return True
-        self.nonfinite_total += 1
-        self.nonfinite_streak += 1
-        bad = [k for k in ("clip", "cross", "inmodal") if k in out and not torch.isfinite(out[k]).item()]
-        log.warning(
-            "step %d (%s): non-finite loss (components %s); this micro-batch contributes no gradient (%d in a row, "
-            "%d in total)",
-            self.step,
-            where,
-            bad or "unknown",
-            self.nonfinite_streak,
-            self.nonfinite_total,
-        )
-        if self.nonfinite_streak >= self.max_nonfinite_streak:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_streak} consecutive non-finite losses up to step {self.step} (components {bad}); "
-                "lower optim.lr, use bf16 instead of fp16, or check the data"
-            )
-        return False
-
-    @staticmethod
-    def _zero_loss(*outputs: torch.Tensor) -> torch.Tensor:
-        """A loss with exactly zero gradient built from this forward's outputs, so a skipped micro-batch still runs
-        DeepSpeed's backward hooks for every parameter and every rank keeps the same reduction schedule."""
-        return sum(o.float().sum() for o in outputs) * 0.0
-
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns this step's scalars."""
         w = self.rank_weight(self.step)
-        if self.cfg.optim.grad_cache:
-            out = self._grad_cache_step(micro_batches, w)
-        else:
-            out = self._accumulation_step(micro_batches, w)
+        out = self.stepper.run(micro_batches, w, grad_cache=self.cfg.optim.grad_cache, step=self.step)
         self._clamp_logit_scale()
         out["rank_weight"] = w
         return out
-
-    def _accumulation_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        world = self.info.world_size
-        for i, batch in enumerate(micro_batches):
-            images, ids, mask = self._to_device(batch)
-            img, txt, logit_scale = self.engine(images, ids, mask)
-            out = self._loss(img, txt, logit_scale, w)
-            finite = self._finite_or_skip(out, f"micro-batch {i}")
-            loss = out["loss"] if finite else self._zero_loss(img, txt, logit_scale)
-            # The loss's gradients are those of the global loss; DeepSpeed averages over ranks: undo that.
-            self.engine.backward(loss * world)
-            self.engine.step()
-            for k in ("loss", "clip", "cross", "inmodal"):
-                sums[k] = sums.get(k, 0.0) + float(out[k].detach()) / len(micro_batches)
-        return sums
-
-    def _grad_cache_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
-        """GradCache: embed all micro-batches without autograd, one loss over the whole global batch, then re-run
-        each micro-batch with autograd and inject the cached embedding gradients (same RNG as the first pass)."""
-        world = self.info.world_size
-        rng_states, imgs, txts, scale = [], [], [], None
-        with torch.no_grad():
-            for batch in micro_batches:
-                rng_states.append(_capture_torch_rng())
-                img, txt, scale = self.engine(*self._to_device(batch))
-                imgs.append(img.float())
-                txts.append(txt.float())
-        img_all = torch.cat(imgs).requires_grad_(True)  # (accum × b, D): this rank's rows of the global list
-        txt_all = torch.cat(txts).requires_grad_(True)
-        scale_leaf = scale.detach().float().requires_grad_(True)
-        out = self._loss(img_all, txt_all, scale_leaf, w)
-        finite = self._finite_or_skip(out, "gradient-cache loss")
-        if finite:
-            out["loss"].backward()
-        sizes = [len(x) for x in imgs]
-        g_img = img_all.grad.split(sizes) if finite else None
-        g_txt = txt_all.grad.split(sizes) if finite else None
-        for i, batch in enumerate(micro_batches):
-            _restore_torch_rng(rng_states[i])
-            img, txt, logit_scale = self.engine(*self._to_device(batch))
-            if finite:
-                surrogate = (img.float() * g_img[i]).sum() + (txt.float() * g_txt[i]).sum()
-                if i == 0:  # the logit scale's (local share of the) gradient enters once
-                    surrogate = surrogate + (logit_scale.float() * scale_leaf.grad).sum()
-            else:
-                surrogate = self._zero_loss(img, txt, logit_scale)
-            # The surrogate carries the full gradient: no division by the accumulation steps, and undo the
-            # DeepSpeed mean over ranks.
-            self.engine.backward(surrogate * world, scale_wrt_gas=False)
-            self.engine.step()
-        return {k: float(out[k].detach()) for k in ("loss", "clip", "cross", "inmodal")}
 
     def _clamp_logit_scale(self) -> None:
         import deepspeed
@@ -454,11 +332,10 @@ class Trainer:
         if loss_scale is not None:
             scalars["train/loss_scale"] = loss_scale
         scalars["train/skipped_steps"] = float(getattr(self.engine, "skipped_steps", 0))
-        scalars["train/nonfinite_losses"] = float(self.nonfinite_total)
+        scalars["train/nonfinite_losses"] = float(self.stepper.nonfinite_total)
         scalars.update(timer.summary(self.info.world_size))
         if self.cfg.logging.profile_loss and timer.total_s > 0:
-            scalars["perf/loss_time_fraction"] = self.loss_seconds / timer.total_s
-            self.loss_seconds = 0.0
+            scalars["perf/loss_time_fraction"] = self.stepper.take_loss_seconds() / timer.total_s
         scalars.update(memory_stats(self.device))
         for reason, count in self.loader.skip_counts().items():
             scalars[f"data/skipped_{reason}"] = float(count)
@@ -553,7 +430,7 @@ class Trainer:
             "batches_in_epoch": self.pos.batches,
             "samples_in_epoch_per_rank": self.pos.batches * self.batch.micro_batch_size,
             "world_size": self.info.world_size,
-            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_total": self.stepper.nonfinite_total,
             "config": json.dumps(config_to_dict(self.cfg)),
         }
 
@@ -573,7 +450,7 @@ class Trainer:
         self.step = int(client["step"])
         self.last_saved_step = self.step
         self.pos = DataPosition(int(client["epoch"]), int(client["batches_in_epoch"]))
-        self.nonfinite_total = int(client.get("nonfinite_total", 0))
+        self.stepper.nonfinite_total = int(client.get("nonfinite_total", 0))
         self.loader.resume(self.pos.epoch, samples=int(client["samples_in_epoch_per_rank"]))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.pos.epoch, self.pos.batches)
 
@@ -598,16 +475,6 @@ class Trainer:
         self.metrics.close()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-
-
-def _capture_torch_rng() -> tuple:
-    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _restore_torch_rng(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def _loss_scale(engine) -> float | None:

@@ -1,0 +1,194 @@
+"""One optimizer step: the forward passes, the distributed RankCLIP loss, backward and DeepSpeed's step, with
+plain gradient accumulation or gradient caching, and the non-finite-loss policy."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..config import LossConfig
+from ..losses import rankclip_loss
+
+__all__ = ["NonFiniteLossError", "StepRunner"]
+
+log = logging.getLogger("rankclip_ds.train")
+
+COMPONENTS = ("loss", "clip", "cross", "inmodal")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops instead of training on garbage."""
+
+
+class StepRunner:
+    """Runs optimizer steps on a DeepSpeed ``engine`` whose module returns ``(image_emb, text_emb, logit_scale)``.
+
+    Gradient contract: ``rankclip_loss`` gives each rank the gradient of the *global* loss for its embeddings and
+    its share of the logit-scale gradient; DeepSpeed averages gradients over ranks, so every backward is scaled by
+    the world size.
+    """
+
+    def __init__(
+        self,
+        engine,
+        loss_cfg: LossConfig,
+        *,
+        group,
+        world_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        profile_loss: bool = False,
+        max_nonfinite_streak: int = 5,
+    ) -> None:
+        self.engine, self.loss_cfg, self.group = engine, loss_cfg, group
+        self.world_size, self.device, self.dtype = world_size, device, dtype
+        self.profile_loss = profile_loss
+        self.loss_seconds = 0.0  # time inside the loss since the last read (profile_loss)
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.max_nonfinite_streak = max_nonfinite_streak
+        self.step = 0  # the optimizer step being run, for messages
+
+    def run(self, micro_batches: list[dict], rank_weight: float, *, grad_cache: bool, step: int) -> dict[str, float]:
+        """One optimizer step over the micro-batches; returns the step's loss components (global values)."""
+        self.step = step
+        if grad_cache:
+            return self._grad_cache_step(micro_batches, rank_weight)
+        return self._accumulation_step(micro_batches, rank_weight)
+
+    def take_loss_seconds(self) -> float:
+        seconds, self.loss_seconds = self.loss_seconds, 0.0
+        return seconds
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        if images.is_floating_point():
+            images = images.to(self.dtype)
+        return images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
+        if not self.profile_loss:
+            return self._loss_call(img, txt, logit_scale, w)
+        # The loss forms its gradients in its forward (its backward only scales them), so timing the call
+        # measures its whole cost.
+        self._sync()
+        t0 = time.perf_counter()
+        out = self._loss_call(img, txt, logit_scale, w)
+        self._sync()
+        self.loss_seconds += time.perf_counter() - t0
+        return out
+
+    def _loss_call(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
+        lc = self.loss_cfg
+        return rankclip_loss(
+            img,
+            txt,
+            logit_scale,
+            rank_weight=w,
+            lambda_cross=lc.lambda_cross,
+            lambda_in=lc.lambda_in,
+            impl=lc.impl,
+            comm=lc.comm,
+            chunk_size=lc.chunk_size,
+            top_k=lc.top_k,
+            position_weighting=lc.position_weighting,
+            group=self.group,
+        )
+
+    def _finite_or_skip(self, out: dict, where: str) -> bool:
+        """True if the loss is finite. The loss is a global value, so every rank takes the same branch."""
+        if torch.isfinite(out["loss"]).item():
+            self.nonfinite_streak = 0
+            return True
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        bad = [k for k in ("clip", "cross", "inmodal") if k in out and not torch.isfinite(out[k]).item()]
+        log.warning(
+            "step %d (%s): non-finite loss (components %s); this micro-batch contributes no gradient (%d in a row, "
+            "%d in total)",
+            self.step,
+            where,
+            bad or "unknown",
+            self.nonfinite_streak,
+            self.nonfinite_total,
+        )
+        if self.nonfinite_streak >= self.max_nonfinite_streak:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} consecutive non-finite losses up to step {self.step} (components {bad}); "
+                "lower optim.lr, use bf16 instead of fp16, or check the data"
+            )
+        return False
+
+    @staticmethod
+    def _zero_loss(*outputs: torch.Tensor) -> torch.Tensor:
+        """A loss with exactly zero gradient built from this forward's outputs, so a skipped micro-batch still runs
+        DeepSpeed's backward hooks for every parameter and every rank keeps the same reduction schedule."""
+        return sum(o.float().sum() for o in outputs) * 0.0
+
+    def _accumulation_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        world = self.world_size
+        for i, batch in enumerate(micro_batches):
+            images, ids, mask = self._to_device(batch)
+            img, txt, logit_scale = self.engine(images, ids, mask)
+            out = self._loss(img, txt, logit_scale, w)
+            finite = self._finite_or_skip(out, f"micro-batch {i}")
+            loss = out["loss"] if finite else self._zero_loss(img, txt, logit_scale)
+            # The loss's gradients are those of the global loss; DeepSpeed averages over ranks: undo that.
+            self.engine.backward(loss * world)
+            self.engine.step()
+            for k in COMPONENTS:
+                sums[k] = sums.get(k, 0.0) + float(out[k].detach()) / len(micro_batches)
+        return sums
+
+    def _grad_cache_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
+        """GradCache: embed all micro-batches without autograd, one loss over the whole global batch, then re-run
+        each micro-batch with autograd and inject the cached embedding gradients (same RNG as the first pass)."""
+        world = self.world_size
+        rng_states, imgs, txts, scale = [], [], [], None
+        with torch.no_grad():
+            for batch in micro_batches:
+                rng_states.append(_capture_torch_rng())
+                img, txt, scale = self.engine(*self._to_device(batch))
+                imgs.append(img.float())
+                txts.append(txt.float())
+        img_all = torch.cat(imgs).requires_grad_(True)  # (accum × b, D): this rank's rows of the global list
+        txt_all = torch.cat(txts).requires_grad_(True)
+        scale_leaf = scale.detach().float().requires_grad_(True)
+        out = self._loss(img_all, txt_all, scale_leaf, w)
+        finite = self._finite_or_skip(out, "gradient-cache loss")
+        if finite:
+            out["loss"].backward()
+        sizes = [len(x) for x in imgs]
+        g_img = img_all.grad.split(sizes) if finite else None
+        g_txt = txt_all.grad.split(sizes) if finite else None
+        for i, batch in enumerate(micro_batches):
+            _restore_torch_rng(rng_states[i])
+            img, txt, logit_scale = self.engine(*self._to_device(batch))
+            if finite:
+                surrogate = (img.float() * g_img[i]).sum() + (txt.float() * g_txt[i]).sum()
+                if i == 0:  # the logit scale's (local share of the) gradient enters once
+                    surrogate = surrogate + (logit_scale.float() * scale_leaf.grad).sum()
+            else:
+                surrogate = self._zero_loss(img, txt, logit_scale)
+            # The surrogate carries the full gradient: no division by the accumulation steps, and undo the
+            # DeepSpeed mean over ranks.
+            self.engine.backward(surrogate * world, scale_wrt_gas=False)
+            self.engine.step()
+        return {k: float(out[k].detach()) for k in COMPONENTS}
+
+
+def _capture_torch_rng() -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _restore_torch_rng(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
