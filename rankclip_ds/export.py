@@ -1,4 +1,4 @@
-"""Consolidated model export and loading without DeepSpeed.
+"""Consolidated model export, and loading of exports and training checkpoints without a DeepSpeed engine.
 
 An export folder holds ``model.safetensors`` (fp32 weights of the whole dual encoder) and ``config.json`` (the
 resolved run config, so the architecture can be rebuilt). :func:`load_model` rebuilds the model from that config
@@ -17,7 +17,14 @@ import torch
 from .config import Config, config_from_dict, config_to_dict
 from .model import DualEncoder, build_model, build_tokenizer
 
-__all__ = ["EXPORT_CONFIG", "EXPORT_WEIGHTS", "architecture_config", "load_model", "save_export"]
+__all__ = [
+    "EXPORT_CONFIG",
+    "EXPORT_WEIGHTS",
+    "architecture_config",
+    "load_model",
+    "model_source_config",
+    "save_export",
+]
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -61,24 +68,60 @@ def load_export_config(path: str | Path) -> Config:
     return config_from_dict(data)
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", with_tokenizer: bool = False):
-    """Load an exported model (no DeepSpeed needed). Returns the model in eval mode, or ``(model, tokenizer)``.
+def _is_training_checkpoint(path: Path) -> bool:
+    # A DeepSpeed tag folder as the trainer writes it: <run>/checkpoints/step_XXXXXXXX/ with the model states.
+    return any(path.glob("*model_states.pt"))  # mp_rank_00_… (ZeRO 0-2) or zero_pp_rank_0_mp_rank_00_… (ZeRO-3)
 
-    The text tower is rebuilt from its config and never loads the pretrained weights it started from: every
-    tensor comes from the export, and a missing or extra tensor is an error.
+
+def model_source_config(path: str | Path) -> Config:
+    """The run config behind an export folder (its ``config.json``) or a training checkpoint folder (the run's
+    ``config.yaml`` two levels up)."""
+    from .config import load_config
+
+    path = Path(path)
+    if not _is_training_checkpoint(path):
+        return load_export_config(path)
+    run_config = path.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise FileNotFoundError(
+            f"{run_config}: the run's resolved config is not beside checkpoint {path}; keep checkpoints inside their "
+            "run folder (<run>/checkpoints/step_…), or copy the run's config.yaml to that place"
+        )
+    return load_config(run_config)
+
+
+def _checkpoint_state(path: Path) -> tuple[Config, dict[str, torch.Tensor], str]:
+    """The run config and DeepSpeed's consolidated fp32 weights of a training checkpoint (any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return model_source_config(path), state, f"checkpoint {path}"
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", with_tokenizer: bool = False):
+    """Load an export folder or a training checkpoint folder (``<run>/checkpoints/step_…``) without a DeepSpeed
+    engine. Returns the model in eval mode, or ``(model, tokenizer)``.
+
+    A checkpoint is consolidated with DeepSpeed's own ``zero_to_fp32`` (any ZeRO stage, any world size). The text
+    tower is rebuilt from its config and never loads the pretrained weights it started from: every tensor comes
+    from the export or checkpoint, and a missing or extra tensor is an error.
     """
     from safetensors.torch import load_file
 
-    cfg = load_export_config(path)
-    weights = Path(path) / EXPORT_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing; the export at {path} is incomplete")
+    path = Path(path)
+    if _is_training_checkpoint(path):
+        cfg, state, source = _checkpoint_state(path)
+    else:
+        cfg = load_export_config(path)
+        weights = path / EXPORT_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: missing; the export at {path} is incomplete")
+        state, source = load_file(str(weights)), str(weights)
     model: DualEncoder = build_model(architecture_config(cfg).model, device="cpu")
-    state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(
-            f"{weights}: does not match the architecture in {EXPORT_CONFIG}: missing {missing[:5]}, "
+            f"{source}: does not match the architecture of its config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     model.to(device).eval()

@@ -227,12 +227,17 @@ def test_deepspeed_zero_to_fp32_consolidation_and_export_reload(runs, stage, tmp
     model = build_model(load_config(run["run"] / "config.yaml").model)
     model.load_state_dict(consolidated, strict=True)
 
-    exported = rankclip_ds.load_model(run["run"] / "export")
-    with torch.no_grad():
-        img = exported.encode_image(probe["probe"]["image"])
-        txt = exported.encode_text(probe["probe"]["input_ids"], probe["probe"]["attention_mask"])
-    torch.testing.assert_close(img, probe["image"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(txt, probe["text"], rtol=1e-5, atol=1e-6)
+    from rankclip_ds.export import model_source_config
+
+    assert model_source_config(ckpt / "step_00000006") == load_config(run["run"] / "config.yaml")
+    # The export, and the training checkpoint itself, load without an engine and give the live embeddings.
+    for source in (run["run"] / "export", ckpt / "step_00000006"):
+        loaded = rankclip_ds.load_model(source)
+        with torch.no_grad():
+            img = loaded.encode_image(probe["probe"]["image"])
+            txt = loaded.encode_text(probe["probe"]["input_ids"], probe["probe"]["attention_mask"])
+        torch.testing.assert_close(img, probe["image"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(txt, probe["text"], rtol=1e-5, atol=1e-6)
 
 
 REQUIRED_SCALARS = {

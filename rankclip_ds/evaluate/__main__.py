@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="task", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="export folder (model.safetensors + config.json)")
+    common.add_argument(
+        "--model",
+        required=True,
+        help="export folder (model.safetensors + config.json) or training checkpoint folder (<run>/checkpoints/step_…)",
+    )
     common.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (this rank's GPU if any)")
     common.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per rank")
     common.add_argument("--text-batch-size", type=int, default=256, help="texts per forward pass, per rank")
@@ -80,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _max_length(model_path: str) -> int:
     try:
-        from rankclip_ds.export import load_export_config
+        from rankclip_ds.export import model_source_config
 
-        return int(load_export_config(model_path).model.text.max_length)
+        return int(model_source_config(model_path).model.text.max_length)
     except Exception as exc:  # a folder without an export config: fall back, and say so
         log.warning("no text max_length in %s (%s); using %d, set --max-length", model_path, exc, DEFAULT_MAX_LENGTH)
         return DEFAULT_MAX_LENGTH
