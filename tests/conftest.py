@@ -13,6 +13,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A dual encoder small enough for multi-process CPU tests: a 1-block ViT at 32 px and a 1-layer BERT from scratch.
+TINY_MODEL = [
+    "--model.image.image_size", "32",
+    "--model.image.model_kwargs", "{patch_size: 8, depth: 1}",
+    "--model.text.pretrained", "false",
+    "--model.text.overrides", "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}",
+    "--model.embed_dim", "16",
+]  # fmt: skip
+
 
 def free_port() -> int:
     """A TCP port that is free right now on the loopback interface (never a fixed port: tests run in parallel)."""
@@ -32,3 +41,14 @@ def clean_launcher_env() -> dict[str, str]:
 @pytest.fixture
 def launcher_env() -> dict[str, str]:
     return clean_launcher_env()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """A small embedded synthetic dataset (256 training scenes, 64 held-out, 32 px) shared by the tests that run
+    the real entry point: ``train/synth-train-{000000..000003}.tar``, ``zeroshot/synth-zs-000000.tar``."""
+    from rankclip_ds.data.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(out, num_train=256, num_zeroshot=64, image_size=32, samples_per_shard=64, seed=0)
+    return out

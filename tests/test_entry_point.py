@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, clean_launcher_env, free_port
+from conftest import REPO_ROOT, TINY_MODEL, clean_launcher_env, free_port
 
 pytestmark = [pytest.mark.distributed]
 
@@ -19,26 +19,12 @@ TRAIN = str(Path(REPO_ROOT, "rankclip_ds", "train.py"))
 ZERO2 = str(Path(REPO_ROOT, "ds_configs", "zero2.json"))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from rankclip_ds.data.synthetic import write_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(out, num_train=256, num_zeroshot=64, image_size=32, samples_per_shard=64, seed=0)
-    return out
-
-
 def overrides(shards: Path, run_dir: Path) -> list[str]:
     return [
         "--config", str(Path(REPO_ROOT, "configs", "demo_cpu.yaml")),
         "--run.output_dir", str(run_dir),
         "--run.name", "entry",
-        "--model.image.image_size", "32",
-        "--model.image.model_kwargs", "{patch_size: 8, depth: 1}",
-        "--model.text.pretrained", "false",
-        "--model.text.overrides",
-        "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}",
-        "--model.embed_dim", "16",
+        *TINY_MODEL,
         "--data.train_data", str(shards / "train" / "synth-train-{000000..000003}.tar"),
         "--data.num_workers", "1",
         "--optim.micro_batch_size", "16",

@@ -7,16 +7,13 @@ import math
 import pytest
 import torch
 
+from conftest import TINY_MODEL
 from rankclip_ds.config import load_config
 from rankclip_ds.model import ModelConfigError, TextTower, build_model, build_tokenizer, resolve_text_path
 
 TINY = [
     "--model.image.name", "vit_tiny_patch16_224",
-    "--model.image.image_size", "32",
-    "--model.image.model_kwargs", "{patch_size: 8, depth: 1}",
-    "--model.text.pretrained", "false",
-    "--model.text.overrides", "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}",
-    "--model.embed_dim", "16",
+    *TINY_MODEL,
 ]  # fmt: skip
 
 

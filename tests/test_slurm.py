@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, clean_launcher_env, free_port
+from conftest import REPO_ROOT, TINY_MODEL, clean_launcher_env, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -67,24 +67,10 @@ def slurm_env(tmp_path_factory) -> dict[str, str]:
         subprocess.run(["bash", str(CLUSTER_SH), "stop", str(state)], capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from rankclip_ds.data.synthetic import write_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(out, num_train=256, num_zeroshot=64, image_size=32, samples_per_shard=64, seed=0)
-    return out
-
-
 def tiny_overrides(shards: Path, total_steps: int) -> list[str]:
     """train.py overrides: a tiny model, small batches, a handful of steps on the test's shards."""
     return [
-        "--model.image.image_size", "32",
-        "--model.image.model_kwargs", "{patch_size: 8, depth: 1}",
-        "--model.text.pretrained", "false",
-        "--model.text.overrides",
-        "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}",
-        "--model.embed_dim", "16",
+        *TINY_MODEL,
         "--optim.micro_batch_size", "16",
         "--data.num_workers", "1",
         "--schedule.total_steps", str(total_steps),
