@@ -10,8 +10,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import BatchPlan, Config, resolve_batch
+from .config import BatchPlan, Config, ConfigError, resolve_batch
 from .ds_config import build_deepspeed_config, validate_with_deepspeed
+from .preflight import find_problems, format_problems
 
 __all__ = ["RunPlan", "build_plan", "format_bytes"]
 
@@ -94,9 +95,17 @@ def _loss_memory(cfg: Config, n: int, world: int, b: int) -> tuple[int | None, s
 
 
 def build_plan(cfg: Config, ds_json: dict[str, Any], world_size: int, *, source: str = "DeepSpeed JSON") -> RunPlan:
-    """Resolve batch sizes and the DeepSpeed config, validate both, and build the model on the meta device."""
+    """Run the pre-flight, resolve batch sizes and the DeepSpeed config, and build the model on the meta device.
+
+    Configuration problems fail (all of them in one :class:`ConfigError`, before the model is built). Problems of
+    this machine (missing shards, weights, checkpoint; an unwritable run folder; an unsupported precision) become
+    notes: a dry run may plan on a machine that is not the one that trains."""
     from .model import build_model
 
+    problems = find_problems(cfg, ds_json, world_size, ds_source=source)
+    fatal = [p for p in problems if not p.machine]
+    if fatal:
+        raise ConfigError(format_problems(fatal))
     batch = resolve_batch(cfg.optim, world_size)
     ds = build_deepspeed_config(ds_json, cfg, world_size, source=source)
     validate_with_deepspeed(ds, source=source)
@@ -105,7 +114,7 @@ def build_plan(cfg: Config, ds_json: dict[str, Any], world_size: int, *, source:
     n = batch.global_batch_size if cfg.optim.grad_cache else batch.micro_batch_size * world_size
     b = n // world_size
     mem, note = _loss_memory(cfg, n, world_size, b)
-    notes = []
+    notes = [f"not ready on this machine (training here would refuse to start): {p.message}" for p in problems]
     if not cfg.optim.grad_cache and batch.grad_accum_steps > 1 and cfg.loss.ranking:
         notes.append(
             "gradient accumulation without optim.grad_cache: each micro-step's ranking list is only "

@@ -18,8 +18,13 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, os.path.dirname(_here))
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rankclip_ds.config import Config, ConfigError, field_docs, load_config
+
+if TYPE_CHECKING:
+    from rankclip_ds.dist import DistInfo
+    from rankclip_ds.trainer.signals import StopRequest
 
 __all__ = ["main", "parse_args"]
 
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         world = args.dry_run_world_size or info.world_size
         try:
             ds_json = load_deepspeed_json(args.deepspeed) if args.deepspeed else {}
+            # build_plan runs the pre-flight first: every config problem at once, before the model is built.
             plan = build_plan(cfg, ds_json, world, source=args.deepspeed or "(no --deepspeed)")
         except (ConfigError, ModelConfigError) as exc:
             print(f"config error: {exc}", file=sys.stderr)
@@ -101,29 +107,59 @@ def main(argv: list[str] | None = None) -> int:
     return _train(cfg, args.deepspeed, info)
 
 
-def _train(cfg: Config, ds_path: str, info) -> int:
+def _train(cfg: Config, ds_path: str, info: DistInfo) -> int:
     from rankclip_ds.dist import setup_logging
     from rankclip_ds.ds_config import load_deepspeed_json
-    from rankclip_ds.trainer import Trainer
+    from rankclip_ds.preflight import run_preflight
     from rankclip_ds.trainer.signals import StopRequest
 
     setup_logging(info, cfg.logging.level)
-    # Installed first and never removed: a SIGTERM/SIGUSR1 during start-up or during the final save, evaluation
-    # and export is recorded, never fatal; the training loop acts on it.
+    # Installed first and kept through training: a SIGTERM/SIGUSR1 during start-up or during the final save,
+    # evaluation and export is recorded, never fatal; the training loop acts on it. Restored when _train returns,
+    # for callers of main() that go on living (tests, notebooks).
     stop = StopRequest()
     try:
-        ds_json = load_deepspeed_json(ds_path)
+        try:
+            ds_json = load_deepspeed_json(ds_path)
+            # Every cheap check, all problems at once, before the process group, the model and the data loader.
+            run_preflight(cfg, ds_json, info.world_size, ds_source=ds_path)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        return _run_trainer(cfg, ds_json, ds_path, info, stop)
+    finally:
+        stop.restore()
+
+
+def _run_trainer(cfg: Config, ds_json: dict, ds_path: str, info: DistInfo, stop: StopRequest) -> int:
+    """Build the trainer and train; a :class:`TrainingError` (or a config mistake the trainer finds, such as a
+    checkpoint of another global batch) becomes a message and an exit code instead of a traceback."""
+    from rankclip_ds.trainer import Trainer
+    from rankclip_ds.trainer.errors import TRAINING_ERROR_EXIT_CODE, TrainingError
+    from rankclip_ds.trainer.signals import REQUEUE_EXIT_CODE
+
+    trainer = None
+    failed = False
+    try:
+        trainer = Trainer(cfg, ds_json, info, ds_source=ds_path)
+        summary = trainer.train(stop)
     except ConfigError as exc:
+        failed = True
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, ds_json, info, ds_source=ds_path)
-    try:
-        summary = trainer.train(stop)
+    except TrainingError as exc:
+        failed = True
+        print(f"error (rank {info.rank}): {exc}", file=sys.stderr)
+        return TRAINING_ERROR_EXIT_CODE
+    except BaseException:
+        failed = True
+        raise
     finally:
-        trainer.close()
+        if trainer is not None:
+            # After a failure the ranks may disagree about where they are, so close()'s barrier could wait
+            # forever for a rank that already left: then flush and close the files only.
+            trainer.close(barrier=not failed)
     if summary["stopped_by_signal"]:
-        from rankclip_ds.trainer.signals import REQUEUE_EXIT_CODE
-
         if info.is_main:
             print(
                 f"stopped by signal {summary['stopped_by_signal']} at step {summary['steps']}; checkpoint "

@@ -4,7 +4,12 @@ launcher (torchrun or deepspeed), and records what the tests compare.
     torchrun --nproc_per_node 2 tests/_train_harness.py SPEC.json
 
 SPEC (JSON): ``overrides`` (config overrides list), ``ds`` (DeepSpeed JSON dict), ``out`` (folder for results),
-``pool`` (samples in the fixed dataset), ``probe`` (extra checks: "zero3_logit_scale").
+``pool`` (samples in the fixed dataset), ``probe`` (extra checks: "zero3_logit_scale"), ``signal`` (send a real
+signal to a rank after a step), ``fault`` (storage faults from a step on: ``{"after_step": k, "kind": "fsize",
+"bytes": n}`` caps the size of any file this process writes (RLIMIT_FSIZE: writes beyond it fail with EFBIG, as
+on a full disk), ``"kind": "disk_free"`` makes the free-space query report ``bytes``), ``nan`` (``{"steps": [..],
+"rank": r}``: that rank's first micro-batch of those steps gets NaN images, so the global loss is non-finite).
+A run that ends in a ``TrainingError`` writes ``{"error": message}`` and exits with 1.
 Each rank writes ``<out>/rank<r>.json`` with the per-step scalars; rank 0 also writes the embeddings of a fixed
 probe batch (``probe_emb.pt``) computed by the live model after training.
 """
@@ -24,7 +29,7 @@ import torch
 
 from rankclip_ds.config import load_config
 from rankclip_ds.dist import read_dist_env, setup_logging
-from rankclip_ds.trainer import Trainer
+from rankclip_ds.trainer import Trainer, TrainingError
 
 SEQ_LEN = 12
 VOCAB_LOW, VOCAB_HIGH = 1000, 5000
@@ -92,16 +97,37 @@ def main() -> None:
 
     send = spec.get("signal")  # {"rank": r, "step": k, "name": "SIGUSR1"}: deliver a real signal to that rank
 
+    nan = spec.get("nan")
+
     def recording_step(micro_batches):
+        if nan and info.rank == nan["rank"] and trainer.step + 1 in nan["steps"]:
+            micro_batches[0] = {**micro_batches[0], "image": torch.full_like(micro_batches[0]["image"], float("nan"))}
         result = step_fn(micro_batches)
         records.append({"step": trainer.step + 1, **result, "logit_scale_raw": trainer.logit_scale_value()})
         if send and info.rank == send["rank"] and trainer.step + 1 == send["step"]:
             os.kill(os.getpid(), getattr(signal, send["name"]))
         return result
 
-    trainer.train_step = recording_step
-    summary = trainer.train()
-    result = {"records": records, "summary": summary, "world": info.world_size}
+    fault = spec.get("fault")
+
+    def faulty_step(micro_batches):
+        result = recording_step(micro_batches)
+        if trainer.step + 1 == fault["after_step"] and fault.get("rank", info.rank) == info.rank:
+            inject_storage_fault(fault)
+        return result
+
+    trainer.train_step = faulty_step if fault else recording_step
+    try:
+        summary = trainer.train()
+    except TrainingError as exc:
+        (out / f"rank{info.rank}.json").write_text(
+            json.dumps({"error": str(exc), "records": records, "nonfinite_total": trainer.stepper.nonfinite_total})
+        )
+        trainer.metrics.close()
+        sys.exit(1)
+    result = {"records": records, "summary": summary, "world": info.world_size,
+              "nonfinite_total": trainer.stepper.nonfinite_total,
+              "skipped_steps": int(getattr(trainer.engine, "skipped_steps", 0))}  # fmt: skip
 
     import deepspeed
 
@@ -127,6 +153,23 @@ def main() -> None:
     (out / f"rank{info.rank}.json").write_text(json.dumps(result, default=str))
     if summary["stopped_by_signal"]:
         sys.exit(trainer_exit_code())
+
+
+def inject_storage_fault(fault: dict) -> None:
+    if fault["kind"] == "fsize":
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fault["bytes"], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    elif fault["kind"] == "disk_free":
+        import shutil
+
+        import rankclip_ds.trainer.checkpoint as ckpt
+
+        usage = shutil.disk_usage("/")
+        ckpt.shutil.disk_usage = lambda path: usage._replace(free=fault["bytes"])  # type: ignore[attr-defined]
+    else:
+        raise ValueError(f"unknown fault {fault}")
 
 
 def trainer_exit_code() -> int:

@@ -320,12 +320,14 @@ class ScheduleConfig:
         _check_positive("schedule", "total_steps", self.total_steps, allow_none=True)
         if self.warmup_steps < 0:
             _fail("schedule.warmup_steps", self.warmup_steps, "must be >= 0", "use 0 for no warm-up")
-        if self.total_steps is not None and self.warmup_steps > self.total_steps:
+        # Equal lengths are a mistake too: the learning rate would end the run at its peak, never decaying.
+        if self.total_steps is not None and self.warmup_steps >= self.total_steps:
             _fail(
                 "schedule.warmup_steps",
                 self.warmup_steps,
-                f"is longer than schedule.total_steps={self.total_steps}",
-                "shorten the warm-up or train longer",
+                f"is as long as or longer than schedule.total_steps={self.total_steps}, so the learning rate "
+                "would never decay",
+                f"use schedule.warmup_steps < {self.total_steps} (e.g. {self.total_steps // 10}), or train longer",
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             _fail("schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]", "use e.g. 0.0 or 0.1")
@@ -343,11 +345,17 @@ class CheckpointConfig:
     """``latest`` (the newest complete checkpoint of this run, if any), a checkpoint path, or ``None``."""
     export: bool = True
     """At the end, write consolidated fp32 weights (``model.safetensors`` + ``config.json``)."""
+    min_free_factor: float = 1.1
+    """Before each save, rank 0 checks that the checkpoint file system has at least this many times the size of
+    the previous checkpoint free, and stops the run with a clear error instead of writing a partial checkpoint
+    (0 disables the check)."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             _fail("checkpoint.every_steps", self.every_steps, "must be >= 0", "use 0 to save only at the end")
         _check_positive("checkpoint", "keep_last", self.keep_last)
+        if self.min_free_factor < 0:
+            _fail("checkpoint.min_free_factor", self.min_free_factor, "must be >= 0", "use 0 to skip the check")
 
 
 @dataclass
@@ -363,6 +371,10 @@ class LoggingConfig:
     profile_loss: bool = False
     """Time the loss (device-synchronised before and after, so slightly slower) and log its share of the step
     time as ``perf/loss_time_fraction``."""
+    sample_keys: bool = False
+    """Append the keys of the samples each rank trained on to ``<run>/sample_keys/rankNNNNN.jsonl``, one line per
+    optimizer step (``{"step", "keys"}``): an audit trail of the data order across resumes (a step redone after a
+    crash appears twice; the later line is the one that counted)."""
 
     def __post_init__(self) -> None:
         _check_positive("logging", "log_every", self.log_every)
@@ -396,10 +408,16 @@ class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: nccl on CUDA, gloo on CPU."""
     timeout_minutes: float = 30.0
-    """Collective timeout; a stuck rank fails after this long instead of hanging forever."""
+    """Collective timeout; a stuck rank fails after this long instead of hanging forever, with an error that names
+    the collective it was in and the ranks that went silent (from the heartbeats)."""
+    heartbeat_seconds: float = 10.0
+    """Each rank rewrites ``<run>/heartbeats/rankNNNNN.json`` (step, phase, host, pid) this often, so a timeout can
+    name the stuck rank; 0 disables the files (the error then names the collective only)."""
 
     def __post_init__(self) -> None:
         _check_positive("dist", "timeout_minutes", self.timeout_minutes)
+        if self.heartbeat_seconds < 0:
+            _fail("dist.heartbeat_seconds", self.heartbeat_seconds, "must be >= 0", "use 0 to disable heartbeats")
 
 
 @dataclass

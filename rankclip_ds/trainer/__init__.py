@@ -1,7 +1,16 @@
 """The DeepSpeed trainer (only the entry point imports it; the library never does)."""
 
+from .errors import CheckpointWriteError, CollectiveTimeoutError, TrainingError
 from .signals import REQUEUE_EXIT_CODE
 from .step import NonFiniteLossError, StepRunner
 from .trainer import Trainer
 
-__all__ = ["REQUEUE_EXIT_CODE", "NonFiniteLossError", "StepRunner", "Trainer"]
+__all__ = [
+    "REQUEUE_EXIT_CODE",
+    "CheckpointWriteError",
+    "CollectiveTimeoutError",
+    "NonFiniteLossError",
+    "StepRunner",
+    "Trainer",
+    "TrainingError",
+]

@@ -4,22 +4,31 @@ Layout under ``<run>/checkpoints/``::
 
     step_00000100/            one DeepSpeed tag (every rank writes its ZeRO shards here)
         rng_rank00000.pt      per-rank RNG states (DeepSpeed's client state is written by rank 0 only)
-        COMPLETE              written by rank 0 after every rank's files are on disk (a barrier)
+        COMPLETE              JSON metadata (step, world size, ZeRO stage, batch, data position), written by
+                              rank 0 after every rank's files are on disk (a barrier) and fsynced
+        universal/            only after a resume on another world size or ZeRO stage: DeepSpeed's universal
+                              (world-size independent) form of this checkpoint, converted once by rank 0
     latest                    text file naming the newest complete tag; DeepSpeed's and zero_to_fp32's format
 
 Every rank calls :meth:`CheckpointManager.save` (ZeRO state is sharded; saving on rank 0 only hangs ZeRO-3). The
 pointer is replaced atomically (write + fsync + rename) only after ``COMPLETE`` exists, so a crash mid-write never
 makes a partial checkpoint the latest, and older checkpoints are pruned only after a newer one is complete.
-The checkpoint folder must be on a file system every rank sees (as DeepSpeed's ``latest`` already assumes).
+A write that fails on any rank (disk full, read-only, quota) is agreed on by all ranks and raised as
+:class:`CheckpointWriteError` naming the path; the partial folder is removed and the previous checkpoint and the
+pointer are untouched. The checkpoint folder must be on a file system every rank sees (as DeepSpeed's ``latest``
+already assumes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +36,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
+from ..config import ConfigError
+from .errors import CheckpointWriteError
+
+__all__ = ["CheckpointManager", "LoadTarget", "capture_rng_state", "read_meta", "restore_rng_state"]
 
 log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+UNIVERSAL = "universal"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -91,13 +104,115 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _gather_errors(error: str | None) -> list[str | None]:
+    """Every rank's error text (or None), on every rank: the agreement that keeps ranks from deadlocking when one
+    of them failed and the others would wait for it in the next collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [error]
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return errors
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _folder_bytes(path: Path) -> int:
+    """Bytes of the checkpoint's own files (not the universal copy made from it)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        if Path(root) == path and UNIVERSAL in dirs:
+            dirs.remove(UNIVERSAL)
+        total += sum((Path(root) / f).stat().st_size for f in files)
+    return total
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file of a checkpoint to stable storage before it is marked complete (a kill -9 keeps the page
+    cache, a node crash does not)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _storage_diagnosis(folder: Path) -> str:
+    """The OS's own words for a failed write: torch.save's zip writer reports only "unexpected pos", so write a
+    1 MiB probe file where the checkpoint goes and report how that fails (disk full, file too large, read-only,
+    quota), with the free space."""
+    probe = folder / f".write_probe_{os.getpid()}"
+    found = ""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * (1 << 20))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        found = f"; a 1 MiB test write there fails with {_describe(exc)}"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    with contextlib.suppress(OSError):
+        found += f"; {_format_bytes(shutil.disk_usage(folder).free)} free"
+    return f" ({found[2:]})" if found else ""
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata a complete checkpoint's ``COMPLETE`` marker holds (step, world size, ZeRO stage, batch and
+    data position); ``{}`` beyond the step for markers that hold only a step number."""
+    text = (Path(path) / COMPLETE).read_text().strip()
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        meta = None
+    if isinstance(meta, dict):
+        return meta
+    return {"step": int(text)} if text.isdigit() else {}
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """What to hand DeepSpeed's ``load_checkpoint``: the checkpoint itself, or its universal form."""
+
+    path: Path  # the complete checkpoint folder
+    meta: dict[str, Any]
+    universal: bool  # the world size or ZeRO stage differs: load the universal (world-size independent) form
+
+    @property
+    def load_dir(self) -> Path:
+        return self.path if self.universal else self.path.parent
+
+    @property
+    def tag(self) -> str:
+        return UNIVERSAL if self.universal else self.path.name
+
+
 class CheckpointManager:
     """Saves, finds, loads and prunes checkpoints of one run."""
 
-    def __init__(self, directory: str | Path, *, keep_last: int, rank: int) -> None:
+    def __init__(self, directory: str | Path, *, keep_last: int, rank: int, min_free_factor: float = 1.1) -> None:
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.rank = rank
+        self.min_free_factor = min_free_factor
 
     @staticmethod
     def tag_for(step: int) -> str:
@@ -111,38 +226,103 @@ class CheckpointManager:
         return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))  # type: ignore[union-attr]
 
     def latest(self) -> Path | None:
-        """The checkpoint the ``latest`` pointer names, if it is complete; else the newest complete one."""
+        """The newest complete checkpoint. The ``latest`` pointer normally names it; after a crash between the
+        marker and the pointer it names an older one, and the newer complete checkpoint wins."""
+        tags = self.complete_tags()
+        if not tags:
+            return None
         pointer = self.dir / LATEST
         if pointer.is_file():
-            tag = pointer.read_text().strip()
-            if (self.dir / tag / COMPLETE).is_file():
-                return self.dir / tag
-            log.warning(
-                "checkpoint pointer %s names %r, which is not complete; using the newest complete one", pointer, tag
-            )
-        tags = self.complete_tags()
-        return self.dir / tags[-1] if tags else None
+            named = pointer.read_text().strip()
+            if named != tags[-1]:
+                log.warning("checkpoint pointer %s names %r; the newest complete checkpoint is %r, using it",
+                            pointer, named, tags[-1])  # fmt: skip
+        return self.dir / tags[-1]
 
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
-        """Every rank calls this. Returns the checkpoint folder once it is complete and the pointer moved."""
+    # ------------------------------------------------------------------------------------------------ save
+    def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Every rank calls this. Returns the checkpoint folder once it is complete and the pointer moved.
+
+        Raises :class:`CheckpointWriteError` on every rank if preparing or writing failed on any rank; the
+        previous checkpoint and the pointer are then untouched and the partial folder is removed."""
         tag = self.tag_for(step)
         path = self.dir / tag
+        previous = self.latest()
+        problem = None
         if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # a leftover of a crashed save of the same step: never mix files of two attempts
-                shutil.rmtree(path)
-        _barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(capture_rng_state(), path / f"rng_rank{self.rank:05d}.pt")
-        _barrier()  # every rank's shards and RNG file are written
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if path.exists():  # a leftover of a crashed save of the same step: never mix files of two attempts
+                    shutil.rmtree(path)
+                problem = self._free_space_problem(previous)
+            except OSError as exc:
+                problem = f"cannot prepare {self.dir}: {_describe(exc)}"
+        self._raise_if_any(_gather_errors(problem), path, step, previous, stage="before writing")
+
+        error = None
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        except Exception as exc:  # OSError, or RuntimeError from torch.save's zip writer on a failed write
+            error = _describe(exc) + _storage_diagnosis(path)
+            log.error("rank %d: writing checkpoint %s failed: %s", self.rank, path, error)
+            # DeepSpeed's save ends with a barrier that the ranks whose writes succeeded are waiting in.
+            _barrier()
+        if error is None:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                torch.save(capture_rng_state(), path / f"rng_rank{self.rank:05d}.pt")
+            except Exception as exc:
+                error = _describe(exc) + _storage_diagnosis(path)
+        self._raise_if_any(_gather_errors(error), path, step, previous, stage="while writing")
+
+        # Every rank's shards and RNG file are written: flush them and mark the checkpoint complete.
         if self.rank == 0:
-            _fsync_write(path / COMPLETE, f"{step}\n")
-            _fsync_write(self.dir / LATEST, tag)
+            try:
+                _fsync_tree(path)
+                _fsync_write(path / COMPLETE, json.dumps({"step": step, **meta}, sort_keys=True) + "\n")
+                _fsync_write(self.dir / LATEST, tag)
+            except OSError as exc:
+                error = _describe(exc)
+        self._raise_if_any(_gather_errors(error), path, step, previous, stage="while marking it complete")
+        if self.rank == 0:
             self._prune(keep=tag)
         _barrier()
         log.info("checkpoint saved: %s", path)
         return path
+
+    def _free_space_problem(self, previous: Path | None) -> str | None:
+        if not self.min_free_factor or previous is None:
+            return None
+        size = _folder_bytes(previous)
+        free = shutil.disk_usage(self.dir).free
+        if free >= size * self.min_free_factor:
+            return None
+        return (
+            f"{self.dir} has {_format_bytes(free)} free, less than checkpoint.min_free_factor="
+            f"{self.min_free_factor} × the size of the last checkpoint ({_format_bytes(size)}, {previous})"
+        )
+
+    def _raise_if_any(
+        self, errors: list[str | None], path: Path, step: int, previous: Path | None, *, stage: str
+    ) -> None:
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if not failed:
+            return
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # a partial folder only takes space; it is never loaded
+        _barrier()
+        details = "; ".join(f"rank {r}: {e}" for r, e in failed)
+        kept = (
+            f"the previous complete checkpoint {previous} and the '{LATEST}' pointer are untouched, so "
+            f"--checkpoint.resume latest restarts from it"
+            if previous is not None
+            else "there is no earlier complete checkpoint of this run"
+        )
+        raise CheckpointWriteError(
+            f"checkpoint {path} (step {step}) failed {stage}: {details}. The partial checkpoint was removed; "
+            f"{kept}. Free space or fix permissions in {self.dir} (or set run.output_dir to another file "
+            f"system; checkpoint.keep_last lowers the space needed), then resume."
+        )
 
     def _prune(self, keep: str) -> None:
         complete = self.complete_tags()
@@ -157,28 +337,114 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
                 log.info("pruned checkpoint %s", p)
 
+    # ------------------------------------------------------------------------------------------------ load
     def resolve(self, resume: str) -> Path | None:
         """``latest`` → the newest complete checkpoint of this run (None if there is none); a path → that one."""
         if resume == "latest":
             return self.latest()
         path = Path(resume)
         if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"checkpoint.resume={resume!r}: not a complete checkpoint folder (no {COMPLETE} marker); "
                 f"use 'latest' or one of {self.complete_tags()[-3:]}"
             )
         return path
 
-    def load(self, engine, path: Path) -> dict[str, Any]:
-        """Load engine, optimizer and scheduler state and this rank's RNG state; returns the client state."""
+    def load_target(self, path: Path, *, world_size: int, zero_stage: int) -> LoadTarget:
+        """How to load ``path`` here: directly, or through its universal form when it was written by another
+        world size or ZeRO stage (DeepSpeed cannot re-partition ZeRO optimizer state otherwise)."""
+        meta = read_meta(path)
+        src_world, src_stage = meta.get("world_size"), meta.get("zero_stage")
+        if src_world is None or src_stage is None:
+            return LoadTarget(path, meta, universal=False)  # no metadata: assume this topology
+        if (src_world, src_stage) == (world_size, zero_stage) or src_stage == zero_stage == 0:
+            return LoadTarget(path, meta, universal=False)  # without ZeRO the optimizer state is not partitioned
+        if (src_stage != zero_stage and 3 in (src_stage, zero_stage)) or 0 in (src_stage, zero_stage):
+            # DeepSpeed's universal form carries stages 1 and 2 into each other and stage 3 into stage 3 only.
+            raise ConfigError(
+                f"checkpoint {path} was written with ZeRO stage {src_stage} on {src_world} ranks; this run uses "
+                f"stage {zero_stage} on {world_size}: DeepSpeed can move a checkpoint between world sizes and "
+                f"between stages 1 and 2, not into or out of stage {3 if 3 in (src_stage, zero_stage) else 0}; "
+                f"resume with zero_optimization.stage={src_stage} (any world size)"
+            )
+        return LoadTarget(path, meta, universal=True)
+
+    def ensure_universal(self, target: LoadTarget) -> None:
+        """Rank 0 converts the checkpoint into DeepSpeed's universal form once (``<tag>/universal``, kept for
+        later resumes and pruned with its checkpoint); every rank calls this (it ends in an agreement)."""
+        out = target.path / UNIVERSAL
+        error = None
+        if self.rank == 0 and not (out / COMPLETE).is_file():
+            try:
+                _convert_to_universal(target.path, out)
+            except Exception as exc:
+                error = _describe(exc)
+        errors = [e for e in _gather_errors(error) if e]
+        if errors:
+            raise RuntimeError(
+                f"converting checkpoint {target.path} to DeepSpeed's universal form failed: {errors[0]}. "
+                f"Resume with the world size and ZeRO stage it was written with (world_size="
+                f"{target.meta.get('world_size')}, ZeRO stage {target.meta.get('zero_stage')})"
+            )
+
+    def load(self, engine, target: LoadTarget, *, same_world: bool) -> dict[str, Any]:
+        """Load engine, optimizer and scheduler state (and this rank's RNG state when the world size is the
+        one the checkpoint was written with); returns the client state."""
         load_path, client = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(target.load_dir), tag=target.tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-        rng = path / f"rng_rank{self.rank:05d}.pt"
-        if rng.is_file():
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {target.path}")
+        rng = target.path / f"rng_rank{self.rank:05d}.pt"
+        if same_world and rng.is_file():
             restore_rng_state(torch.load(rng, weights_only=True))
-        else:
-            log.warning("no RNG state for rank %d in %s (different world size?): RNG streams restart", self.rank, path)
+        elif self.rank == 0:
+            log.warning(
+                "%s: RNG streams (dropout, augmentation) restart from the seed: the checkpoint was written by "
+                "%s ranks, this run has another world size",
+                target.path,
+                target.meta.get("world_size", "?"),
+            )
         return client or {}
+
+
+def _convert_to_universal(path: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` in this process, written to a temporary folder and renamed when done."""
+    import argparse
+    import contextlib
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("converting checkpoint %s to DeepSpeed's universal form (world size or ZeRO stage changed)", path)
+    args = argparse.Namespace(
+        input_folder=str(path),
+        output_folder=str(partial),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with contextlib.redirect_stdout(_LogWriter()):
+        ds_to_universal(args)
+    with contextlib.suppress(FileNotFoundError):
+        (path / "latest_universal").unlink()  # written by the converter next to its output; we do not use it
+    _fsync_tree(partial)
+    _fsync_write(partial / COMPLETE, json.dumps(read_meta(path), sort_keys=True) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    log.info("universal checkpoint written: %s", out)
+
+
+class _LogWriter:
+    """File-like sink that sends the converter's prints to the log at DEBUG level."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("ds_to_universal: %s", text.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from ..config import LossConfig
 from ..losses import rankclip_loss
+from .errors import TrainingError
 
 __all__ = ["NonFiniteLossError", "StepRunner"]
 
@@ -18,7 +21,7 @@ log = logging.getLogger("rankclip_ds.train")
 COMPONENTS = ("loss", "clip", "cross", "inmodal")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """Too many consecutive non-finite losses: the run stops instead of training on garbage."""
 
 
@@ -41,6 +44,7 @@ class StepRunner:
         dtype: torch.dtype,
         profile_loss: bool = False,
         max_nonfinite_streak: int = 5,
+        tracker=None,
     ) -> None:
         self.engine, self.loss_cfg, self.group = engine, loss_cfg, group
         self.world_size, self.device, self.dtype = world_size, device, dtype
@@ -50,6 +54,14 @@ class StepRunner:
         self.nonfinite_streak = 0
         self.max_nonfinite_streak = max_nonfinite_streak
         self.step = 0  # the optimizer step being run, for messages
+        self.tracker = tracker  # watchdog.CollectiveTracker: names the phase a collective timeout happens in
+        # DeepSpeed's ZeRO optimizers (every stage, every precision) discard an optimizer step whose gradient is not
+        # finite, as for an fp16 overflow: no parameter, moment or schedule update, counted in skipped_steps.
+        self.can_discard = hasattr(engine.optimizer, "overflow")
+
+    def _phase(self, name: str) -> None:
+        if self.tracker is not None:
+            self.tracker.enter(name)
 
     def run(self, micro_batches: list[dict], rank_weight: float, *, grad_cache: bool, step: int) -> dict[str, float]:
         """One optimizer step over the micro-batches; returns the step's loss components (global values)."""
@@ -110,39 +122,61 @@ class StepRunner:
         self.nonfinite_streak += 1
         bad = [k for k in ("clip", "cross", "inmodal") if k in out and not torch.isfinite(out[k]).item()]
         log.warning(
-            "step %d (%s): non-finite loss (components %s); this micro-batch contributes no gradient (%d in a row, "
-            "%d in total)",
-            self.step,
+            "step %d (%s): non-finite loss (components %s); %s (%d in a row, %d in total)",
+            self.step + 1,
             where,
             bad or "unknown",
+            "the optimizer step is discarded" if self.can_discard else "this micro-batch contributes no gradient",
             self.nonfinite_streak,
             self.nonfinite_total,
         )
         if self.nonfinite_streak >= self.max_nonfinite_streak:
             raise NonFiniteLossError(
-                f"{self.nonfinite_streak} consecutive non-finite losses up to step {self.step} (components {bad}); "
+                f"{self.nonfinite_streak} consecutive non-finite losses up to step {self.step + 1} (components {bad}); "
                 "lower optim.lr, use bf16 instead of fp16, or check the data"
             )
         return False
 
-    @staticmethod
-    def _zero_loss(*outputs: torch.Tensor) -> torch.Tensor:
-        """A loss with exactly zero gradient built from this forward's outputs, so a skipped micro-batch still runs
-        DeepSpeed's backward hooks for every parameter and every rank keeps the same reduction schedule."""
-        return sum(o.float().sum() for o in outputs) * 0.0
+    def _discard_loss(self, *outputs: torch.Tensor) -> torch.Tensor:
+        """The stand-in loss of a non-finite micro-batch, built from this forward's outputs so DeepSpeed's backward
+        hooks run for every parameter and every rank keeps the same reduction schedule. Its gradient is NaN, which
+        makes the ZeRO optimizer discard the whole optimizer step; without ZeRO (no overflow handling) it is zero
+        instead, and the micro-batch just contributes nothing."""
+        return sum(o.float().sum() for o in outputs) * (float("nan") if self.can_discard else 0.0)
+
+    @contextmanager
+    def _discarding(self, on: bool) -> Iterator[None]:
+        """ZeRO stages 1-2 check the gradient for inf/NaN only in fp16 (or with bf16's check_grad_overflow): turn
+        the check on for a step that must be discarded (stage 3 always checks the gradient norm)."""
+        opt = self.engine.optimizer
+        if not (on and self.can_discard and hasattr(opt, "check_grad_overflow")):
+            yield
+            return
+        previous = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        try:
+            yield
+        finally:
+            opt.check_grad_overflow = previous
 
     def _accumulation_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
         sums: dict[str, float] = {}
         world = self.world_size
+        discard = False
         for i, batch in enumerate(micro_batches):
             images, ids, mask = self._to_device(batch)
+            self._phase(f"forward and loss embedding exchange (micro-batch {i})")
             img, txt, logit_scale = self.engine(images, ids, mask)
             out = self._loss(img, txt, logit_scale, w)
             finite = self._finite_or_skip(out, f"micro-batch {i}")
-            loss = out["loss"] if finite else self._zero_loss(img, txt, logit_scale)
+            discard |= not finite
+            loss = out["loss"] if finite else self._discard_loss(img, txt, logit_scale)
             # The loss's gradients are those of the global loss; DeepSpeed averages over ranks: undo that.
+            self._phase(f"backward gradient reduction (micro-batch {i})")
             self.engine.backward(loss * world)
-            self.engine.step()
+            self._phase("optimizer step (gradient norm all-reduce, parameter all-gather)")
+            with self._discarding(discard and i == len(micro_batches) - 1):
+                self.engine.step()
             for k in COMPONENTS:
                 sums[k] = sums.get(k, 0.0) + float(out[k].detach()) / len(micro_batches)
         return sums
@@ -152,6 +186,7 @@ class StepRunner:
         each micro-batch with autograd and inject the cached embedding gradients (same RNG as the first pass)."""
         world = self.world_size
         rng_states, imgs, txts, scale = [], [], [], None
+        self._phase("gradient-cache embedding forward")
         with torch.no_grad():
             for batch in micro_batches:
                 rng_states.append(_capture_torch_rng())
@@ -161,6 +196,7 @@ class StepRunner:
         img_all = torch.cat(imgs).requires_grad_(True)  # (accum × b, D): this rank's rows of the global list
         txt_all = torch.cat(txts).requires_grad_(True)
         scale_leaf = scale.detach().float().requires_grad_(True)
+        self._phase("gradient-cache loss embedding exchange")
         out = self._loss(img_all, txt_all, scale_leaf, w)
         finite = self._finite_or_skip(out, "gradient-cache loss")
         if finite:
@@ -169,6 +205,7 @@ class StepRunner:
         g_img = img_all.grad.split(sizes) if finite else None
         g_txt = txt_all.grad.split(sizes) if finite else None
         for i, batch in enumerate(micro_batches):
+            self._phase(f"gradient-cache replay: forward, backward gradient reduction, step (micro-batch {i})")
             _restore_torch_rng(rng_states[i])
             img, txt, logit_scale = self.engine(*self._to_device(batch))
             if finite:
@@ -176,11 +213,12 @@ class StepRunner:
                 if i == 0:  # the logit scale's (local share of the) gradient enters once
                     surrogate = surrogate + (logit_scale.float() * scale_leaf.grad).sum()
             else:
-                surrogate = self._zero_loss(img, txt, logit_scale)
+                surrogate = self._discard_loss(img, txt, logit_scale)
             # The surrogate carries the full gradient: no division by the accumulation steps, and undo the
             # DeepSpeed mean over ranks.
             self.engine.backward(surrogate * world, scale_wrt_gas=False)
-            self.engine.step()
+            with self._discarding(not finite and i == len(micro_batches) - 1):
+                self.engine.step()
         return {k: float(out[k].detach()) for k in COMPONENTS}
 
 

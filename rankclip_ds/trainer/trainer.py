@@ -18,17 +18,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, config_to_dict, resolve_batch, save_config
+from ..config import Config, ConfigError, config_to_dict, resolve_batch, save_config
 from ..dist import DistInfo, init_distributed
 from ..ds_config import build_deepspeed_config, validate_with_deepspeed
 from ..export import save_export
 from ..losses import official_rank_weight, step_rank_weight
 from ..model import DualEncoder, build_model, build_tokenizer
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, LoadTarget
 from .metrics import MetricsWriter, StepTimer, format_duration, memory_stats
 from .optim import build_lr_lambda, build_optimizer
 from .signals import REQUEUE_EXIT_CODE, StopRequest
 from .step import StepRunner
+from .watchdog import CollectiveTracker, Heartbeat
 
 __all__ = ["Trainer"]
 
@@ -75,6 +76,17 @@ class Trainer:
         ds = build_deepspeed_config(ds_json, cfg, info.world_size, source=ds_source)
         validate_with_deepspeed(ds, source=ds_source)
         self.zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints",
+            keep_last=cfg.checkpoint.keep_last,
+            rank=info.rank,
+            min_free_factor=cfg.checkpoint.min_free_factor,
+        )
+        # Found and checked before any heavy work; a checkpoint of another world size or ZeRO stage is loaded
+        # through DeepSpeed's universal form, which the engine must know about when it is built.
+        self.resume_target = self._plan_resume(cfg.checkpoint.resume)
+        if self.resume_target is not None and self.resume_target.universal:
+            ds.setdefault("checkpoint", {})["load_universal"] = True
 
         init_distributed(info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True)
         self.group = dist.group.WORLD if info.distributed else None
@@ -88,11 +100,25 @@ class Trainer:
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        # Heartbeats and the current phase: a collective timeout then names the collective and the silent ranks.
+        self.heartbeat = None
+        if cfg.dist.heartbeat_seconds > 0:
+            self.heartbeat = Heartbeat(
+                self.run_dir / "heartbeats", info.rank, min_interval_s=cfg.dist.heartbeat_seconds
+            ).start()
+        self.tracker = CollectiveTracker(
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout_minutes=cfg.dist.timeout_minutes,
+            heartbeat=self.heartbeat,
+        )
         self.tokenizer = build_tokenizer(cfg.model.text.name_or_path)
         # The full model is built on every rank and partitioned by deepspeed.initialize; this keeps pretrained
         # weights loading as usual under every stage (zero.Init would be needed only for models that do not fit
         # one host's memory, far beyond CLIP sizes).
         model = build_model(cfg.model, device="cpu")
+        # Lets ds_to_universal convert this run's checkpoints (no tensor parallelism: nothing else to declare).
+        model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
         self.data_cfg = model.image_tower.data_config()  # reads timm's pretrained_cfg only, safe under ZeRO-3
         _seed_everything(cfg.run.seed * 1000 + info.rank + 1)
 
@@ -123,13 +149,15 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, build_lr_lambda(self.total_steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)
         )
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, dist_init_required=False
-        )
+        with self.tracker.guard("engine set-up (parameter broadcast, universal checkpoint conversion)"):
+            if self.resume_target is not None and self.resume_target.universal:
+                self.ckpt.ensure_universal(self.resume_target)
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, dist_init_required=False
+            )
         self.model: DualEncoder = self.engine.module
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
 
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, rank=info.rank)
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard)
         self.step = 0
         self.last_saved_step = -1
@@ -142,10 +170,13 @@ class Trainer:
             device=self.device,
             dtype=self.dtype,
             profile_loss=cfg.logging.profile_loss,
+            tracker=self.tracker,
         )
         self.last_eval: dict[str, Any] | None = None
-        if cfg.checkpoint.resume:
-            self._resume(cfg.checkpoint.resume)
+        self.sample_log = None
+        if self.resume_target is not None:
+            with self.tracker.guard("checkpoint load"):
+                self._resume(self.resume_target)
         self._log_plan()
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -251,17 +282,26 @@ class Trainer:
         ``stop``: the entry point installs it before building the trainer, so a signal during start-up is not
         lost, and keeps it installed through the final save, evaluation and export. Without one, the handlers are
         installed here for the loop only."""
-        cfg = self.cfg
         start = time.time()
         log.info("training from step %d to %d", self.step, self.total_steps)
         own = stop is None
         stop = StopRequest(self.group, self.device) if own else stop
         stop.attach(self.group, self.device)
         try:
-            stopped = stop.agreed() or self._loop(stop, start)
+            with self.tracker.guard():
+                stopped = self._agreed(stop) or self._loop(stop, start)
         finally:
             if own:
                 stop.restore()
+        with self.tracker.guard():
+            return self._finish(stopped, start)
+
+    def _agreed(self, stop: StopRequest) -> int | None:
+        self.tracker.enter("stop-flag all_reduce", self.step)
+        return stop.agreed()
+
+    def _finish(self, stopped: int | None, start: float) -> dict[str, Any]:
+        cfg = self.cfg
         if stopped:
             if self.last_saved_step != self.step:
                 self.save()
@@ -297,11 +337,14 @@ class Trainer:
         timer, window, first_step = StepTimer(), {}, self.step
         while self.step < self.total_steps:
             t0 = time.time()
+            self.tracker.enter("data loading", self.step + 1)
             micro = next(batches)
             t1 = time.time()
             self.engine.train()
             out = self.train_step(micro)
             self.step += 1
+            if cfg.logging.sample_keys:
+                self._log_sample_keys(micro)
             timer.add(t1 - t0, time.time() - t0, self.batch.global_batch_size)
             for k, v in out.items():
                 window[k] = window.get(k, 0.0) + v
@@ -312,10 +355,20 @@ class Trainer:
                 self.evaluate()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            signum = stop.agreed()
+            signum = self._agreed(stop)
             if signum:
                 return signum
         return None
+
+    def _log_sample_keys(self, micro_batches: list[dict]) -> None:
+        """One line per optimizer step with the keys of this rank's samples (``logging.sample_keys``)."""
+        if self.sample_log is None:
+            folder = self.run_dir / "sample_keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.sample_log = (folder / f"rank{self.info.rank:05d}.jsonl").open("a")
+        keys = [str(k) for batch in micro_batches for k in batch.get("key", [])]
+        self.sample_log.write(json.dumps({"step": self.step, "epoch": self.pos.epoch, "keys": keys}) + "\n")
+        self.sample_log.flush()
 
     def _log_window(self, window: dict[str, float], timer: StepTimer, start: float, first_step: int) -> None:
         n = timer.steps
@@ -373,6 +426,7 @@ class Trainer:
             return None
         from ..evaluate import zeroshot_eval
 
+        self.tracker.enter("evaluation (result gather)", self.step)
         self.engine.eval()
         dc = self.data_cfg
         # Under ZeRO-3 evaluate an unpartitioned copy: each rank evaluates its own slice, and ZeRO-3's per-module
@@ -434,25 +488,88 @@ class Trainer:
             "config": json.dumps(config_to_dict(self.cfg)),
         }
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint's ``COMPLETE`` marker records: enough to plan a resume without loading anything."""
+        b = self.batch
+        return {
+            "world_size": b.world_size,
+            "zero_stage": self.zero_stage,
+            "micro_batch_size": b.micro_batch_size,
+            "grad_accum_steps": b.grad_accum_steps,
+            "global_batch_size": b.global_batch_size,
+            "precision": self.cfg.run.precision,
+            "epoch": self.pos.epoch,
+            "batches_in_epoch": self.pos.batches,
+            "samples_in_epoch": self.pos.batches * b.micro_batch_size * b.world_size,
+            "time": time.time(),
+        }
+
     def save(self) -> Path:
-        path = self.ckpt.save(self.engine, self.step, self.state_dict())
+        self.tracker.enter("checkpoint save (barriers, error agreement)", self.step)
+        path = self.ckpt.save(self.engine, self.step, self.state_dict(), self.checkpoint_meta())
         self.last_saved_step = self.step
         return path
 
-    def _resume(self, resume: str) -> None:
+    def _plan_resume(self, resume: str | None) -> LoadTarget | None:
+        """The checkpoint to resume from and how to load it, checked against this run's batch."""
+        if not resume:
+            return None
         path = self.ckpt.resolve(resume)
         if path is None:
             log.info(
                 "checkpoint.resume=%s: no complete checkpoint in %s yet; starting from scratch", resume, self.ckpt.dir
             )
-            return
-        client = self.ckpt.load(self.engine, path)
+            return None
+        target = self.ckpt.load_target(path, world_size=self.info.world_size, zero_stage=self.zero_stage)
+        saved = target.meta.get("global_batch_size")
+        if saved is not None and saved != self.batch.global_batch_size:
+            world = target.meta.get("world_size")
+            raise ConfigError(
+                f"optim.global_batch_size: the checkpoint {path} was trained with a global batch of {saved} "
+                f"({world} ranks × micro {target.meta.get('micro_batch_size')} × accum "
+                f"{target.meta.get('grad_accum_steps')}); this run's is {self.batch.global_batch_size} "
+                f"({self.batch.describe(self.cfg.optim.grad_cache)}): the step count, schedule and data position "
+                f"would change meaning. Resume with --optim.global_batch_size {saved} --optim.micro_batch_size null "
+                f"(or set micro × accum × world = {saved})"
+            )
+        if target.universal:
+            log.info(
+                "checkpoint %s was written by %s ranks with ZeRO stage %s; this run has %d ranks, stage %d: "
+                "loading DeepSpeed's universal form",
+                path,
+                target.meta.get("world_size"),
+                target.meta.get("zero_stage"),
+                self.info.world_size,
+                self.zero_stage,
+            )
+        return target
+
+    def _resume(self, target: LoadTarget) -> None:
+        src_world = int(target.meta.get("world_size", self.info.world_size))
+        client = self.ckpt.load(self.engine, target, same_world=src_world == self.info.world_size)
         self.step = int(client["step"])
         self.last_saved_step = self.step
-        self.pos = DataPosition(int(client["epoch"]), int(client["batches_in_epoch"]))
         self.stepper.nonfinite_total = int(client.get("nonfinite_total", 0))
-        self.loader.resume(self.pos.epoch, samples=int(client["samples_in_epoch_per_rank"]))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.pos.epoch, self.pos.batches)
+        # The data position is kept as samples consumed in the epoch over all ranks, which the same global batch
+        # splits evenly over any world size.
+        consumed = int(client["samples_in_epoch_per_rank"]) * int(client.get("world_size", src_world))
+        micro, world = self.batch.micro_batch_size, self.info.world_size
+        if consumed % (micro * world):
+            raise ValueError(
+                f"{target.path}: {consumed} samples of epoch {client['epoch']} were consumed, which {world} ranks × "
+                f"micro batch {micro} cannot split; resume with the checkpoint's global batch"
+            )
+        self.pos = DataPosition(int(client["epoch"]), consumed // (micro * world))
+        self.loader.resume(self.pos.epoch, samples=self.pos.batches * micro)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d of %d per rank%s)",
+            target.path,
+            self.step,
+            self.pos.epoch,
+            self.pos.batches,
+            len(self.loader),
+            f"; written by {src_world} ranks" if src_world != world else "",
+        )
 
     def export(self) -> Path | None:
         """Consolidated fp32 weights from the latest checkpoint (DeepSpeed's own ZeRO consolidation), written by
@@ -471,9 +588,14 @@ class Trainer:
             dist.barrier()
         return out
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Flush and close the run's files; ``barrier=False`` after a failure (another rank may be gone)."""
+        if self.sample_log is not None:
+            self.sample_log.close()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.metrics.close()
-        if dist.is_available() and dist.is_initialized():
+        if barrier and dist.is_available() and dist.is_initialized():
             dist.barrier()
 
 
