@@ -315,3 +315,26 @@ def test_resume_on_one_rank_with_the_real_data_pipeline_keeps_the_epoch_position
     epoch1 = [k for s in range(9, STEPS + 1) for k in one[s]]
     assert len(set(epoch1)) == len(epoch1) == 128
     assert complete_steps(tmp_path)[-1] == STEPS
+
+
+# ------------------------------------------------------------------------------------------------ stuck rank
+@pytest.mark.timeout(600)
+def test_a_stuck_rank_makes_the_others_fail_naming_the_collective_and_the_rank(shards, tmp_path):
+    # Rank 1 hangs after step 2 (it sleeps, alive, as in a hung file system read); rank 0 waits for it in the
+    # stop-flag agreement until the process-group timeout (15 s here).
+    proc = launch(shards, tmp_path, "stuck.txt", "--dist.timeout_minutes", "0.25",
+                  env={"RANKCLIP_TEST_PAUSE": "1:2:600"})  # fmt: skip
+    wait_for_pause(proc, tmp_path, rank=1)
+    deadline = time.time() + 240
+    text = ""
+    while time.time() < deadline and "Original error:" not in text:  # the last line of the message
+        time.sleep(0.5)
+        text = proc.log_path.read_text()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert "error (rank 0): rank 0 of 2 timed out after 0.25 min (dist.timeout_minutes) in the collective " \
+           "'stop-flag all_reduce' at step 2." in text, text[-3000:]  # fmt: skip
+    # Rank 1 is named from its heartbeat: alive, but not in this collective.
+    assert re.search(r"rank 1 on host \S+ pid \d+: last heartbeat [\d.]+ s ago, at step 2 in 'logit-scale clamp",
+                     text), text[-3000:]  # fmt: skip
+    assert "raise dist.timeout_minutes (now 0.25)" in text

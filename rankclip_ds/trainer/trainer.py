@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, config_to_dict, resolve_batch, save_config
+from ..config import Config, config_to_dict, resolve_batch, save_config
 from ..dist import DistInfo, init_distributed
 from ..ds_config import build_deepspeed_config, validate_with_deepspeed
 from ..export import save_export
@@ -27,6 +27,7 @@ from ..model import DualEncoder, build_model, build_tokenizer
 from .checkpoint import CheckpointManager, LoadTarget
 from .metrics import MetricsWriter, StepTimer, format_duration, memory_stats
 from .optim import build_lr_lambda, build_optimizer
+from .resume import batches_consumed, plan_resume
 from .signals import REQUEUE_EXIT_CODE, StopRequest
 from .step import StepRunner
 from .watchdog import CollectiveTracker, Heartbeat
@@ -84,7 +85,13 @@ class Trainer:
         )
         # Found and checked before any heavy work; a checkpoint of another world size or ZeRO stage is loaded
         # through DeepSpeed's universal form, which the engine must know about when it is built.
-        self.resume_target = self._plan_resume(cfg.checkpoint.resume)
+        self.resume_target = plan_resume(
+            self.ckpt,
+            cfg.checkpoint.resume,
+            batch=self.batch,
+            zero_stage=self.zero_stage,
+            grad_cache=cfg.optim.grad_cache,
+        )
         if self.resume_target is not None and self.resume_target.universal:
             ds.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -244,6 +251,7 @@ class Trainer:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns this step's scalars."""
         w = self.rank_weight(self.step)
         out = self.stepper.run(micro_batches, w, grad_cache=self.cfg.optim.grad_cache, step=self.step)
+        self.tracker.enter("logit-scale clamp (parameter gather under ZeRO-3)")
         self._clamp_logit_scale()
         out["rank_weight"] = w
         return out
@@ -371,6 +379,7 @@ class Trainer:
         self.sample_log.flush()
 
     def _log_window(self, window: dict[str, float], timer: StepTimer, start: float, first_step: int) -> None:
+        self.tracker.enter("logging (logit-scale gather under ZeRO-3)", self.step)
         n = timer.steps
         scalars = {f"train/{k}": v / n for k, v in window.items() if k != "rank_weight"}
         scalars["train/rank_weight"] = window.get("rank_weight", 0.0) / n
@@ -510,57 +519,14 @@ class Trainer:
         self.last_saved_step = self.step
         return path
 
-    def _plan_resume(self, resume: str | None) -> LoadTarget | None:
-        """The checkpoint to resume from and how to load it, checked against this run's batch."""
-        if not resume:
-            return None
-        path = self.ckpt.resolve(resume)
-        if path is None:
-            log.info(
-                "checkpoint.resume=%s: no complete checkpoint in %s yet; starting from scratch", resume, self.ckpt.dir
-            )
-            return None
-        target = self.ckpt.load_target(path, world_size=self.info.world_size, zero_stage=self.zero_stage)
-        saved = target.meta.get("global_batch_size")
-        if saved is not None and saved != self.batch.global_batch_size:
-            world = target.meta.get("world_size")
-            raise ConfigError(
-                f"optim.global_batch_size: the checkpoint {path} was trained with a global batch of {saved} "
-                f"({world} ranks × micro {target.meta.get('micro_batch_size')} × accum "
-                f"{target.meta.get('grad_accum_steps')}); this run's is {self.batch.global_batch_size} "
-                f"({self.batch.describe(self.cfg.optim.grad_cache)}): the step count, schedule and data position "
-                f"would change meaning. Resume with --optim.global_batch_size {saved} --optim.micro_batch_size null "
-                f"(or set micro × accum × world = {saved})"
-            )
-        if target.universal:
-            log.info(
-                "checkpoint %s was written by %s ranks with ZeRO stage %s; this run has %d ranks, stage %d: "
-                "loading DeepSpeed's universal form",
-                path,
-                target.meta.get("world_size"),
-                target.meta.get("zero_stage"),
-                self.info.world_size,
-                self.zero_stage,
-            )
-        return target
-
     def _resume(self, target: LoadTarget) -> None:
         src_world = int(target.meta.get("world_size", self.info.world_size))
         client = self.ckpt.load(self.engine, target, same_world=src_world == self.info.world_size)
         self.step = int(client["step"])
         self.last_saved_step = self.step
         self.stepper.nonfinite_total = int(client.get("nonfinite_total", 0))
-        # The data position is kept as samples consumed in the epoch over all ranks, which the same global batch
-        # splits evenly over any world size.
-        consumed = int(client["samples_in_epoch_per_rank"]) * int(client.get("world_size", src_world))
-        micro, world = self.batch.micro_batch_size, self.info.world_size
-        if consumed % (micro * world):
-            raise ValueError(
-                f"{target.path}: {consumed} samples of epoch {client['epoch']} were consumed, which {world} ranks × "
-                f"micro batch {micro} cannot split; resume with the checkpoint's global batch"
-            )
-        self.pos = DataPosition(int(client["epoch"]), consumed // (micro * world))
-        self.loader.resume(self.pos.epoch, samples=self.pos.batches * micro)
+        self.pos = DataPosition(int(client["epoch"]), batches_consumed(client, self.batch, where=target.path))
+        self.loader.resume(self.pos.epoch, samples=self.pos.batches * self.batch.micro_batch_size)
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d of %d per rank%s)",
             target.path,
@@ -568,7 +534,7 @@ class Trainer:
             self.pos.epoch,
             self.pos.batches,
             len(self.loader),
-            f"; written by {src_world} ranks" if src_world != world else "",
+            f"; written by {src_world} ranks" if src_world != self.info.world_size else "",
         )
 
     def export(self) -> Path | None:
@@ -577,6 +543,7 @@ class Trainer:
         latest = self.ckpt.latest()
         if latest is None:
             return None
+        self.tracker.enter("export (rank 0 consolidates, the others wait at a barrier)", self.step)
         out = self.run_dir / "export"
         if self.info.is_main:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
