@@ -31,7 +31,10 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout_s = float(os.environ["TIMEOUT_S"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    # Start-up gets a long timeout (a loaded CI machine may start the two processes seconds apart); only the
+    # collective under test runs in a group with the short one.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    group = dist.new_group(ranks=list(range(world)), timeout=datetime.timedelta(seconds=timeout_s))
     heartbeat = Heartbeat(hb_dir, rank, min_interval_s=0.5)
     if rank == 1:
         heartbeat.beat(4, "forward")
@@ -52,10 +55,10 @@ def main() -> None:
         if scenario == "stop":
             local = torch.arange(8.0).reshape(4, 2)  # this rank's [T_r; I_r] block, b_r = 2 rows each
             with tracker.guard("loss ring exchange (forward)", step=7):
-                gather_blocks(local, BlockLayout([2, 2], rank), dist.group.WORLD, "ring")
+                gather_blocks(local, BlockLayout([2, 2], rank), group, "ring")
         else:
             with tracker.guard("stop-flag all_reduce", step=4):
-                dist.all_reduce(torch.zeros(1, dtype=torch.int64), op=dist.ReduceOp.MAX)
+                dist.all_reduce(torch.zeros(1, dtype=torch.int64), op=dist.ReduceOp.MAX, group=group)
     except CollectiveTimeoutError as exc:
         cause = exc.__cause__
         result = {

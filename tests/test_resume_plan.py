@@ -80,3 +80,22 @@ def test_a_data_position_the_new_batch_cannot_split_is_an_error():
     client = {"samples_in_epoch_per_rank": 24, "world_size": 2, "epoch": 1}
     with pytest.raises(ConfigError, match="48 samples of epoch 1 were consumed, which 1 ranks × micro batch 32"):
         batches_consumed(client, BatchPlan(32, 1, 1, 32), where="ckpt")
+
+
+def test_stepping_back_sets_the_later_checkpoints_aside_without_deleting_them(tmp_path):
+    for step in (3, 6, 9):
+        write_checkpoint(tmp_path, step, **META)
+    (tmp_path / "step_00000012").mkdir()  # an interrupted save of the abandoned future
+    target = plan(tmp_path, 2, 8)
+    assert target.path.name == "step_00000009"
+    # Resuming from step 3 explicitly (e.g. over a loss spike): 6, 9 and the partial 12 are set aside at once.
+    from rankclip_ds.trainer.resume import agree_resume
+
+    ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0)
+    chosen = agree_resume(ckpt, str(tmp_path / "step_00000003"), batch=BatchPlan(8, 1, 2, 16), zero_stage=2,
+                          grad_cache=False)  # fmt: skip
+    assert chosen.path.name == "step_00000003"
+    assert ckpt.latest().name == "step_00000003" and ckpt.complete_tags() == ["step_00000003"]
+    kept = sorted(p.name.rsplit("_", 1)[0] for p in tmp_path.glob("abandoned_*"))
+    assert kept == ["abandoned_step_00000006", "abandoned_step_00000009", "abandoned_step_00000012"]
+    assert (next(tmp_path.glob("abandoned_step_00000009_*")) / "COMPLETE").is_file()  # nothing deleted

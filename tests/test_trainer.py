@@ -231,6 +231,27 @@ def test_resume_on_another_world_size_or_stage(runs, tmp_path, change):
     assert (tmp_path / "shared" / source["run"].name / "checkpoints" / "step_00000003" / "universal").is_dir()
 
 
+@pytest.mark.timeout(900)
+def test_a_checkpoint_converted_ahead_of_time_is_reused(runs, tmp_path):
+    import shutil
+
+    source = runs.zero(2)
+    ckpt = tmp_path / "shared" / source["run"].name / "checkpoints" / "step_00000003"
+    shutil.copytree(source["run"] / "checkpoints" / "step_00000003", ckpt)
+    tool = [sys.executable, str(Path(REPO_ROOT, "tools", "convert_checkpoint.py")), str(ckpt)]
+    first = subprocess.run(tool, capture_output=True, text=True, timeout=300, env=clean_launcher_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "written by 2 ranks, ZeRO stage 2" in first.stdout and (ckpt / "universal" / "COMPLETE").is_file()
+    again = subprocess.run(tool, capture_output=True, text=True, timeout=300, env=clean_launcher_env())
+    assert again.returncode == 0 and "already complete" in again.stdout
+    resumed = run_harness(tmp_path / "b", ["--optim.micro_batch_size", "16", "--checkpoint.resume", "latest",
+                                           "--run.output_dir", str(tmp_path / "shared")],
+                          {"zero_optimization": ZERO[2]}, nproc=1)  # fmt: skip
+    log = (resumed["dir"] / "log.txt").read_text()
+    assert "loading DeepSpeed's universal form" in log and "converting checkpoint" not in log  # reused
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(source)[3:]), rtol=RTOL, atol=ATOL)
+
+
 def test_resume_refuses_another_global_batch_and_an_unsupported_stage_change(runs, tmp_path):
     from rankclip_ds.config import ConfigError, load_config
     from rankclip_ds.dist import DistInfo

@@ -318,16 +318,14 @@ def test_guard_converts_timeouts_and_passes_everything_else(tmp_path):
         assert t is tracker
 
 
-def test_tracker_enter_is_cheap_and_throttled(tmp_path):
+def test_tracker_enter_does_no_io_within_the_interval(tmp_path):
     hb = Heartbeat(tmp_path, 0, min_interval_s=3600)
     tracker = CollectiveTracker(rank=0, world_size=2, timeout_minutes=30, heartbeat=hb)
     tracker.enter("forward", 1)
     mtime = (tmp_path / "rank00000.json").stat().st_mtime_ns
-    t0 = time.perf_counter()
     for step in range(2000):
         for phase in ("forward", "loss ring exchange (forward)", "gradient all-reduce (backward)"):
             tracker.enter(phase, step)
-    assert (time.perf_counter() - t0) / 6000 < 50e-6  # well under a millisecond per call
     assert (tmp_path / "rank00000.json").stat().st_mtime_ns == mtime  # no I/O
     tracker.enter("stop-flag all_reduce", force=True)
     record = read_heartbeats(tmp_path)[0]

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,17 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .errors import CheckpointWriteError
+from .errors import CheckpointWriteError, TrainingError
+from .watchdog import is_collective_failure
 
-__all__ = ["CheckpointManager", "LoadTarget", "capture_rng_state", "read_meta", "restore_rng_state"]
+__all__ = [
+    "CheckpointManager",
+    "LoadTarget",
+    "capture_rng_state",
+    "convert_to_universal",
+    "read_meta",
+    "restore_rng_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +135,55 @@ def _folder_bytes(path: Path) -> int:
             dirs.remove(UNIVERSAL)
         total += sum((Path(root) / f).stat().st_size for f in files)
     return total
+
+
+def _fsync_files(paths: list[str | Path]) -> None:
+    for name in paths:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _RecordingWrites:
+    """Wraps the engine's ``checkpoint_engine.save`` for one checkpoint: records the files this rank wrote (to
+    flush them) and the first failed write instead of raising it, so DeepSpeed's ``save_checkpoint`` still runs its
+    whole collective sequence on every rank and the ranks agree on the failure afterwards."""
+
+    def __init__(self, engine) -> None:
+        self.target = engine.checkpoint_engine
+        self.paths: list[str] = []
+        self.error: str | None = None
+
+    def __enter__(self) -> _RecordingWrites:
+        original = self.target.save
+
+        def save(state_dict, path, *args, **kwargs):
+            if self.error is not None:
+                return None  # after the first failure nothing more is written
+            try:
+                result = original(state_dict, path, *args, **kwargs)
+            except Exception as exc:  # OSError, or RuntimeError from torch.save's zip writer
+                self.error = f"writing {path}: {_describe(exc)}"
+                return None
+            self.paths.append(str(path))
+            return result
+
+        self.target.save = save  # an instance attribute: shadows the method for this checkpoint only
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(AttributeError):
+            del self.target.save
 
 
 def _fsync_tree(path: Path) -> None:
@@ -218,6 +276,13 @@ class CheckpointManager:
     def tag_for(step: int) -> str:
         return f"step_{step:08d}"
 
+    @staticmethod
+    def step_of(path: Path) -> int:
+        m = TAG_RE.match(Path(path).name)
+        if not m:
+            raise ValueError(f"{path} is not a checkpoint folder name (step_NNNNNNNN)")
+        return int(m.group(1))
+
     def complete_tags(self) -> list[str]:
         """Complete checkpoints, oldest first."""
         if not self.dir.is_dir():
@@ -254,31 +319,43 @@ class CheckpointManager:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 if path.exists():  # a leftover of a crashed save of the same step: never mix files of two attempts
                     shutil.rmtree(path)
+                self.set_aside_newer(step)
+                previous = self.latest()
                 problem = self._free_space_problem(previous)
             except OSError as exc:
                 problem = f"cannot prepare {self.dir}: {_describe(exc)}"
         self._raise_if_any(_gather_errors(problem), path, step, previous, stage="before writing")
 
         error = None
-        try:
-            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        except Exception as exc:  # OSError, or RuntimeError from torch.save's zip writer on a failed write
-            error = _describe(exc) + _storage_diagnosis(path)
-            log.error("rank %d: writing checkpoint %s failed: %s", self.rank, path, error)
-            # DeepSpeed's save ends with a barrier that the ranks whose writes succeeded are waiting in.
-            _barrier()
+        with _RecordingWrites(engine) as writes:
+            try:
+                engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+            except Exception as exc:  # a failure outside checkpoint_engine.save (e.g. copying zero_to_fp32.py)
+                if is_collective_failure(exc):
+                    raise  # a lost peer or a timeout, not a write error: the watchdog names it
+                error = _describe(exc)
+                # DeepSpeed's save ends with a barrier that the ranks whose writes succeeded are waiting in.
+                _barrier()
+        error = error or writes.error
         if error is None:
             try:
                 path.mkdir(parents=True, exist_ok=True)
-                torch.save(capture_rng_state(), path / f"rng_rank{self.rank:05d}.pt")
+                rng = path / f"rng_rank{self.rank:05d}.pt"
+                torch.save(capture_rng_state(), rng)
+                # Each rank flushes what it wrote (a node crash loses the page cache; rank 0's fsync would not
+                # reach another node's files on every file system).
+                _fsync_files([*writes.paths, rng])
             except Exception as exc:
-                error = _describe(exc) + _storage_diagnosis(path)
+                error = _describe(exc)
+        if error is not None:
+            error += _storage_diagnosis(path)
+            log.error("rank %d: writing checkpoint %s failed: %s", self.rank, path, error)
         self._raise_if_any(_gather_errors(error), path, step, previous, stage="while writing")
 
-        # Every rank's shards and RNG file are written: flush them and mark the checkpoint complete.
+        # Every rank's files are written and flushed: mark the checkpoint complete, then move the pointer.
         if self.rank == 0:
             try:
-                _fsync_tree(path)
+                _fsync_dir(path)
                 _fsync_write(path / COMPLETE, json.dumps({"step": step, **meta}, sort_keys=True) + "\n")
                 _fsync_write(self.dir / LATEST, tag)
             except OSError as exc:
@@ -289,6 +366,25 @@ class CheckpointManager:
         _barrier()
         log.info("checkpoint saved: %s", path)
         return path
+
+    def set_aside_newer(self, step: int) -> list[Path]:
+        """Rank 0: checkpoints of steps after ``step`` belong to a future this run abandoned (it resumed from an
+        older checkpoint, e.g. to step back over a loss spike). They are renamed ``abandoned_<tag>_<time>``: kept
+        (no data is deleted), but never again taken as the latest, loaded by ``resume latest``, or counted by the
+        pruning."""
+        moved = []
+        if not self.dir.is_dir():
+            return moved
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for p in sorted(self.dir.iterdir()):
+            m = TAG_RE.match(p.name)
+            if m and int(m.group(1)) > step:
+                target = p.with_name(f"abandoned_{p.name}_{stamp}")
+                os.replace(p, target)
+                moved.append(target)
+                log.warning("checkpoint %s is newer than step %d, which this run continues from: kept as %s", p, step,
+                            target)  # fmt: skip
+        return moved
 
     def _free_space_problem(self, previous: Path | None) -> str | None:
         if not self.min_free_factor or previous is None:
@@ -369,32 +465,64 @@ class CheckpointManager:
             )
         return LoadTarget(path, meta, universal=True)
 
-    def ensure_universal(self, target: LoadTarget) -> None:
+    def ensure_universal(self, target: LoadTarget, *, poll_s: float = 2.0, max_wait_s: float = 12 * 3600) -> None:
         """Rank 0 converts the checkpoint into DeepSpeed's universal form once (``<tag>/universal``, kept for
-        later resumes and pruned with its checkpoint); every rank calls this (it ends in an agreement)."""
+        later resumes and pruned with its checkpoint); every rank calls this. The other ranks wait by watching
+        for the result on disk, not in a collective: the conversion of a large model may outlast
+        ``dist.timeout_minutes`` (``tools/convert_checkpoint.py`` does it ahead of time)."""
         out = target.path / UNIVERSAL
-        error = None
-        if self.rank == 0 and not (out / COMPLETE).is_file():
-            try:
-                _convert_to_universal(target.path, out)
-            except Exception as exc:
-                error = _describe(exc)
-        errors = [e for e in _gather_errors(error) if e]
-        if errors:
-            raise RuntimeError(
-                f"converting checkpoint {target.path} to DeepSpeed's universal form failed: {errors[0]}. "
-                f"Resume with the world size and ZeRO stage it was written with (world_size="
-                f"{target.meta.get('world_size')}, ZeRO stage {target.meta.get('zero_stage')})"
-            )
+        failed = target.path / f"{UNIVERSAL}.FAILED"
+        if self.rank == 0:
+            with contextlib.suppress(FileNotFoundError):
+                failed.unlink()  # left by an earlier attempt
+        _barrier()  # no rank reads a stale FAILED marker
+        if self.rank == 0:
+            if not (out / COMPLETE).is_file():
+                try:
+                    convert_to_universal(target.path)
+                except Exception as exc:
+                    with contextlib.suppress(OSError):
+                        _fsync_write(failed, _describe(exc))
+                    raise self._conversion_error(target, _describe(exc)) from exc
+            return
+        start = last_note = time.monotonic()
+        while not (out / COMPLETE).is_file():
+            if failed.is_file():
+                raise self._conversion_error(target, failed.read_text().strip())
+            now = time.monotonic()
+            if now - start > max_wait_s:
+                raise self._conversion_error(target, f"rank 0 did not finish within {max_wait_s / 3600:.0f} h")
+            if now - last_note > 300:
+                log.info("rank %d: waiting for rank 0 to convert %s (%.0f min so far)", self.rank, target.path,
+                         (now - start) / 60)  # fmt: skip
+                last_note = now
+            time.sleep(poll_s)
+
+    @staticmethod
+    def _conversion_error(target: LoadTarget, why: str) -> TrainingError:
+        return TrainingError(
+            f"converting checkpoint {target.path} to DeepSpeed's universal form failed: {why}. Resume with the world "
+            f"size and ZeRO stage it was written with (world_size={target.meta.get('world_size')}, ZeRO stage "
+            f"{target.meta.get('zero_stage')}), or convert it first with tools/convert_checkpoint.py"
+        )
 
     def load(self, engine, target: LoadTarget, *, same_world: bool) -> dict[str, Any]:
         """Load engine, optimizer and scheduler state (and this rank's RNG state when the world size is the
         one the checkpoint was written with); returns the client state."""
-        load_path, client = engine.load_checkpoint(
-            str(target.load_dir), tag=target.tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        try:
+            load_path, client = engine.load_checkpoint(
+                str(target.load_dir), tag=target.tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except Exception as exc:
+            if is_collective_failure(exc):
+                raise
+            raise TrainingError(
+                f"loading checkpoint {target.path} failed: {_describe(exc)}. If it was written by another world "
+                f"size or ZeRO stage before checkpoints recorded theirs (no metadata in {COMPLETE}), resume with "
+                f"that topology; otherwise resume from an older checkpoint of {self.dir}"
+            ) from exc
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {target.path}")
+            raise TrainingError(f"DeepSpeed could not load the checkpoint at {target.path}")
         rng = target.path / f"rng_rank{self.rank:05d}.pt"
         if same_world and rng.is_file():
             restore_rng_state(torch.load(rng, weights_only=True))
@@ -408,8 +536,10 @@ class CheckpointManager:
         return client or {}
 
 
-def _convert_to_universal(path: Path, out: Path) -> None:
-    """DeepSpeed's ``ds_to_universal`` in this process, written to a temporary folder and renamed when done."""
+def convert_to_universal(path: Path) -> Path:
+    """DeepSpeed's ``ds_to_universal`` in this process: ``<path>/universal``, written to a temporary folder and
+    renamed when complete. Returns the universal folder."""
+    out = path / UNIVERSAL
     import argparse
     import contextlib
 
@@ -436,6 +566,7 @@ def _convert_to_universal(path: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     log.info("universal checkpoint written: %s", out)
+    return out
 
 
 class _LogWriter:

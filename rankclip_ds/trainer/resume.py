@@ -9,18 +9,66 @@ form, which the engine must be told about when it is built.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from ..config import BatchPlan, ConfigError
 from .checkpoint import CheckpointManager, LoadTarget
 
-__all__ = ["batches_consumed", "plan_resume"]
+__all__ = ["agree_resume", "batches_consumed", "plan_resume"]
 
 log = logging.getLogger("rankclip_ds.train")
 
 
+def agree_resume(
+    ckpt: CheckpointManager,
+    resume: str | None,
+    *,
+    batch: BatchPlan,
+    zero_stage: int,
+    grad_cache: bool,
+    num_workers: int | None = None,
+) -> LoadTarget | None:
+    """:func:`plan_resume` on rank 0, its choice (or its error) broadcast to every rank: on a shared file system
+    with attribute caching, ranks listing the checkpoint folder could otherwise see different newest checkpoints
+    and load different ones."""
+    if not resume:
+        return None
+    choice: list[Any] = [None]
+    if ckpt.rank == 0:
+        try:
+            target = plan_resume(
+                ckpt, resume, batch=batch, zero_stage=zero_stage, grad_cache=grad_cache, num_workers=num_workers
+            )
+            choice = [("ok", None if target is None else str(target.path))]
+            if target is not None and resume != "latest" and target.path.parent.resolve() == ckpt.dir.resolve():
+                # Stepping back in this run (e.g. over a loss spike): its later checkpoints are set aside now, so
+                # a crash before the next save cannot make `resume latest` jump back onto the abandoned future.
+                ckpt.set_aside_newer(int(target.meta.get("step", ckpt.step_of(target.path))))
+        except ConfigError as exc:
+            choice = [("error", str(exc))]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    kind, value = choice[0]
+    if kind == "error":
+        raise ConfigError(value)
+    if value is None:
+        return None
+    if ckpt.rank == 0:
+        return target
+    return ckpt.load_target(Path(value), world_size=batch.world_size, zero_stage=zero_stage)
+
+
 def plan_resume(
-    ckpt: CheckpointManager, resume: str | None, *, batch: BatchPlan, zero_stage: int, grad_cache: bool
+    ckpt: CheckpointManager,
+    resume: str | None,
+    *,
+    batch: BatchPlan,
+    zero_stage: int,
+    grad_cache: bool,
+    num_workers: int | None = None,
 ) -> LoadTarget | None:
     """The checkpoint ``checkpoint.resume`` names and how to load it here; None to start from scratch. Raises
     :class:`ConfigError` when the checkpoint's global batch differs from this run's (the step count, schedule and
@@ -41,6 +89,23 @@ def plan_resume(
             f"{meta.get('grad_accum_steps')}); this run's is {batch.global_batch_size} ({batch.describe(grad_cache)}): "
             f"the step count, schedule and data position would change meaning. Resume with --optim.global_batch_size "
             f"{saved} --optim.micro_batch_size null (or set micro × accum × world = {saved})"
+        )
+    same_split = (meta.get("micro_batch_size"), meta.get("num_workers", num_workers)) == (
+        batch.micro_batch_size,
+        num_workers,
+    )
+    if "micro_batch_size" in meta and not target.universal and not same_split:
+        # The epoch plan cuts the data per (rank, worker) in micro batches: another split keeps the position in
+        # samples, not the exact order.
+        log.warning(
+            "checkpoint %s was written with micro batch %s and %s data workers, this run uses %d and %s: the "
+            "data position is kept as samples consumed, but the rest of this epoch is not the exact order the "
+            "original run would have read",
+            path,
+            meta.get("micro_batch_size"),
+            meta.get("num_workers"),
+            batch.micro_batch_size,
+            num_workers,
         )
     if target.universal:
         log.info(

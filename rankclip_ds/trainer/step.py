@@ -51,8 +51,9 @@ class StepRunner:
         self.profile_loss = profile_loss
         self.loss_seconds = 0.0  # time inside the loss since the last read (profile_loss)
         self.nonfinite_total = 0
-        self.nonfinite_streak = 0
+        self.nonfinite_streak = 0  # optimizer steps in a row with a non-finite loss
         self.max_nonfinite_streak = max_nonfinite_streak
+        self.last_bad: list[str] = []
         self.step = 0  # the optimizer step being run, for messages
         self.tracker = tracker  # watchdog.CollectiveTracker: names the phase a collective timeout happens in
         # DeepSpeed's ZeRO optimizers (every stage, every precision) discard an optimizer step whose gradient is not
@@ -116,26 +117,31 @@ class StepRunner:
     def _finite_or_skip(self, out: dict, where: str) -> bool:
         """True if the loss is finite. The loss is a global value, so every rank takes the same branch."""
         if torch.isfinite(out["loss"]).item():
-            self.nonfinite_streak = 0
             return True
         self.nonfinite_total += 1
-        self.nonfinite_streak += 1
-        bad = [k for k in ("clip", "cross", "inmodal") if k in out and not torch.isfinite(out[k]).item()]
+        self.last_bad = [k for k in ("clip", "cross", "inmodal") if k in out and not torch.isfinite(out[k]).item()]
         log.warning(
-            "step %d (%s): non-finite loss (components %s); %s (%d in a row, %d in total)",
+            "step %d (%s): non-finite loss (components %s); %s (non-finite losses so far: %d)",
             self.step + 1,
             where,
-            bad or "unknown",
+            self.last_bad or "unknown",
             "the optimizer step is discarded" if self.can_discard else "this micro-batch contributes no gradient",
-            self.nonfinite_streak,
             self.nonfinite_total,
         )
+        return False
+
+    def _end_step(self, hit: bool) -> None:
+        """Counts the optimizer steps in a row that had a non-finite loss (a step is discarded whole, so one bad
+        micro-batch per step is as bad as all of them); ``max_nonfinite_streak`` of them stop the run."""
+        if not hit:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
         if self.nonfinite_streak >= self.max_nonfinite_streak:
             raise NonFiniteLossError(
-                f"{self.nonfinite_streak} consecutive non-finite losses up to step {self.step + 1} (components {bad}); "
-                "lower optim.lr, use bf16 instead of fp16, or check the data"
+                f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss, up to step {self.step + 1} "
+                f"(components {self.last_bad}); lower optim.lr, use bf16 instead of fp16, or check the data"
             )
-        return False
 
     def _discard_loss(self, *outputs: torch.Tensor) -> torch.Tensor:
         """The stand-in loss of a non-finite micro-batch, built from this forward's outputs so DeepSpeed's backward
@@ -179,6 +185,7 @@ class StepRunner:
                 self.engine.step()
             for k in COMPONENTS:
                 sums[k] = sums.get(k, 0.0) + float(out[k].detach()) / len(micro_batches)
+        self._end_step(discard)
         return sums
 
     def _grad_cache_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
@@ -219,6 +226,7 @@ class StepRunner:
             self.engine.backward(surrogate * world, scale_wrt_gas=False)
             with self._discarding(not finite and i == len(micro_batches) - 1):
                 self.engine.step()
+        self._end_step(not finite)
         return {k: float(out[k].detach()) for k in COMPONENTS}
 
 

@@ -27,7 +27,7 @@ from ..model import DualEncoder, build_model, build_tokenizer
 from .checkpoint import CheckpointManager, LoadTarget
 from .metrics import MetricsWriter, StepTimer, format_duration, memory_stats
 from .optim import build_lr_lambda, build_optimizer
-from .resume import batches_consumed, plan_resume
+from .resume import agree_resume, batches_consumed
 from .signals import REQUEUE_EXIT_CODE, StopRequest
 from .step import StepRunner
 from .watchdog import CollectiveTracker, Heartbeat
@@ -83,21 +83,21 @@ class Trainer:
             rank=info.rank,
             min_free_factor=cfg.checkpoint.min_free_factor,
         )
-        # Found and checked before any heavy work; a checkpoint of another world size or ZeRO stage is loaded
-        # through DeepSpeed's universal form, which the engine must know about when it is built.
-        self.resume_target = plan_resume(
+        init_distributed(info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True)
+        self.group = dist.group.WORLD if info.distributed else None
+        self.device = torch.device(info.device)
+        # Found and checked before any heavy work, by rank 0 for everyone; a checkpoint of another world size or
+        # ZeRO stage is loaded through DeepSpeed's universal form, which the engine must know about when built.
+        self.resume_target = agree_resume(
             self.ckpt,
             cfg.checkpoint.resume,
             batch=self.batch,
             zero_stage=self.zero_stage,
             grad_cache=cfg.optim.grad_cache,
+            num_workers=cfg.data.num_workers,
         )
         if self.resume_target is not None and self.resume_target.universal:
             ds.setdefault("checkpoint", {})["load_universal"] = True
-
-        init_distributed(info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True)
-        self.group = dist.group.WORLD if info.distributed else None
-        self.device = torch.device(info.device)
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Ranks sharing a CPU host split its cores instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
@@ -507,6 +507,7 @@ class Trainer:
             "grad_accum_steps": b.grad_accum_steps,
             "global_batch_size": b.global_batch_size,
             "precision": self.cfg.run.precision,
+            "num_workers": self.cfg.data.num_workers,
             "epoch": self.pos.epoch,
             "batches_in_epoch": self.pos.batches,
             "samples_in_epoch": self.pos.batches * b.micro_batch_size * b.world_size,
@@ -540,17 +541,18 @@ class Trainer:
     def export(self) -> Path | None:
         """Consolidated fp32 weights from the latest checkpoint (DeepSpeed's own ZeRO consolidation), written by
         rank 0 as ``<run>/export/{model.safetensors,config.json}``."""
-        latest = self.ckpt.latest()
-        if latest is None:
-            return None
         self.tracker.enter("export (rank 0 consolidates, the others wait at a barrier)", self.step)
-        out = self.run_dir / "export"
-        if self.info.is_main:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        out: Path | None = self.run_dir / "export"
+        if self.info.is_main:  # rank 0 alone looks at the folder: every rank reaches the barrier whatever it sees
+            latest = self.ckpt.latest()
+            if latest is None:
+                out = None
+            else:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(latest.parent), tag=latest.name)
-            save_export(state, self.cfg, out)
-            log.info("exported consolidated fp32 weights to %s", out)
+                state = get_fp32_state_dict_from_zero_checkpoint(str(latest.parent), tag=latest.name)
+                save_export(state, self.cfg, out)
+                log.info("exported consolidated fp32 weights to %s", out)
         if self.group is not None:
             dist.barrier()
         return out

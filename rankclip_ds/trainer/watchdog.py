@@ -190,12 +190,13 @@ class Heartbeat:
 
     def beat(self, step: int, phase: str, force: bool = False) -> bool:
         """Record ``step`` and ``phase``; write the file if ``force`` or ``min_interval_s`` passed since the last
-        write. Returns whether the file was written."""
+        write. While the background thread runs, only ``force`` writes here: the thread does the periodic writes,
+        so a hung shared file system stalls the thread, never the training loop. Returns whether it wrote."""
         old_step, old_phase, since = self._state
         if step != old_step or phase != old_phase:
             since = time.time()
         self._state = (step, phase, since)  # one tuple assignment: the thread never sees a half-updated state
-        if not force and time.monotonic() - self._last_write < self.min_interval_s:
+        if not force and (self._thread is not None or time.monotonic() - self._last_write < self.min_interval_s):
             return False
         return self._write()
 
