@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -33,12 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .durable import (
+    describe,
+    format_bytes,
+    fsync_dir,
+    fsync_files,
+    fsync_tree,
+    fsync_write,
+    storage_diagnosis,
+)
 from .errors import CheckpointWriteError, TrainingError
+from .rng import capture_rng_state, restore_rng_state
 from .watchdog import is_collective_failure
 
 __all__ = [
@@ -58,56 +66,6 @@ LATEST = "latest"
 UNIVERSAL = "universal"
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    # random.setstate needs tuples all the way down; serialisation may have produced lists.
-    if isinstance(x, (list, tuple)):
-        return tuple(_as_tuple(v) for v in x)
-    return x
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -123,10 +81,6 @@ def _gather_errors(error: str | None) -> list[str | None]:
     return errors
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _folder_bytes(path: Path) -> int:
     """Bytes of the checkpoint's own files (not the universal copy made from it)."""
     total = 0
@@ -135,23 +89,6 @@ def _folder_bytes(path: Path) -> int:
             dirs.remove(UNIVERSAL)
         total += sum((Path(root) / f).stat().st_size for f in files)
     return total
-
-
-def _fsync_files(paths: list[str | Path]) -> None:
-    for name in paths:
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _RecordingWrites:
@@ -173,7 +110,7 @@ class _RecordingWrites:
             try:
                 result = original(state_dict, path, *args, **kwargs)
             except Exception as exc:  # OSError, or RuntimeError from torch.save's zip writer
-                self.error = f"writing {path}: {_describe(exc)}"
+                self.error = f"writing {path}: {describe(exc)}"
                 return None
             self.paths.append(str(path))
             return result
@@ -184,53 +121,6 @@ class _RecordingWrites:
     def __exit__(self, *exc_info: object) -> None:
         with contextlib.suppress(AttributeError):
             del self.target.save
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file of a checkpoint to stable storage before it is marked complete (a kill -9 keeps the page
-    cache, a node crash does not)."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _storage_diagnosis(folder: Path) -> str:
-    """The OS's own words for a failed write: torch.save's zip writer reports only "unexpected pos", so write a
-    1 MiB probe file where the checkpoint goes and report how that fails (disk full, file too large, read-only,
-    quota), with the free space."""
-    probe = folder / f".write_probe_{os.getpid()}"
-    found = ""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with probe.open("wb") as fh:
-            fh.write(b"\0" * (1 << 20))
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        found = f"; a 1 MiB test write there fails with {_describe(exc)}"
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-    with contextlib.suppress(OSError):
-        found += f"; {_format_bytes(shutil.disk_usage(folder).free)} free"
-    return f" ({found[2:]})" if found else ""
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -323,7 +213,7 @@ class CheckpointManager:
                 previous = self.latest()
                 problem = self._free_space_problem(previous)
             except OSError as exc:
-                problem = f"cannot prepare {self.dir}: {_describe(exc)}"
+                problem = f"cannot prepare {self.dir}: {describe(exc)}"
         self._raise_if_any(_gather_errors(problem), path, step, previous, stage="before writing")
 
         error = None
@@ -333,7 +223,7 @@ class CheckpointManager:
             except Exception as exc:  # a failure outside checkpoint_engine.save (e.g. copying zero_to_fp32.py)
                 if is_collective_failure(exc):
                     raise  # a lost peer or a timeout, not a write error: the watchdog names it
-                error = _describe(exc)
+                error = describe(exc)
                 # DeepSpeed's save ends with a barrier that the ranks whose writes succeeded are waiting in.
                 _barrier()
         error = error or writes.error
@@ -344,22 +234,22 @@ class CheckpointManager:
                 torch.save(capture_rng_state(), rng)
                 # Each rank flushes what it wrote (a node crash loses the page cache; rank 0's fsync would not
                 # reach another node's files on every file system).
-                _fsync_files([*writes.paths, rng])
+                fsync_files([*writes.paths, rng])
             except Exception as exc:
-                error = _describe(exc)
+                error = describe(exc)
         if error is not None:
-            error += _storage_diagnosis(path)
+            error += storage_diagnosis(path)
             log.error("rank %d: writing checkpoint %s failed: %s", self.rank, path, error)
         self._raise_if_any(_gather_errors(error), path, step, previous, stage="while writing")
 
         # Every rank's files are written and flushed: mark the checkpoint complete, then move the pointer.
         if self.rank == 0:
             try:
-                _fsync_dir(path)
-                _fsync_write(path / COMPLETE, json.dumps({"step": step, **meta}, sort_keys=True) + "\n")
-                _fsync_write(self.dir / LATEST, tag)
+                fsync_dir(path)
+                fsync_write(path / COMPLETE, json.dumps({"step": step, **meta}, sort_keys=True) + "\n")
+                fsync_write(self.dir / LATEST, tag)
             except OSError as exc:
-                error = _describe(exc)
+                error = describe(exc)
         self._raise_if_any(_gather_errors(error), path, step, previous, stage="while marking it complete")
         if self.rank == 0:
             self._prune(keep=tag)
@@ -394,8 +284,8 @@ class CheckpointManager:
         if free >= size * self.min_free_factor:
             return None
         return (
-            f"{self.dir} has {_format_bytes(free)} free, less than checkpoint.min_free_factor="
-            f"{self.min_free_factor} × the size of the last checkpoint ({_format_bytes(size)}, {previous})"
+            f"{self.dir} has {format_bytes(free)} free, less than checkpoint.min_free_factor="
+            f"{self.min_free_factor} × the size of the last checkpoint ({format_bytes(size)}, {previous})"
         )
 
     def _raise_if_any(
@@ -482,8 +372,8 @@ class CheckpointManager:
                     convert_to_universal(target.path)
                 except Exception as exc:
                     with contextlib.suppress(OSError):
-                        _fsync_write(failed, _describe(exc))
-                    raise self._conversion_error(target, _describe(exc)) from exc
+                        fsync_write(failed, describe(exc))
+                    raise self._conversion_error(target, describe(exc)) from exc
             return
         start = last_note = time.monotonic()
         while not (out / COMPLETE).is_file():
@@ -517,7 +407,7 @@ class CheckpointManager:
             if is_collective_failure(exc):
                 raise
             raise TrainingError(
-                f"loading checkpoint {target.path} failed: {_describe(exc)}. If it was written by another world "
+                f"loading checkpoint {target.path} failed: {describe(exc)}. If it was written by another world "
                 f"size or ZeRO stage before checkpoints recorded theirs (no metadata in {COMPLETE}), resume with "
                 f"that topology; otherwise resume from an older checkpoint of {self.dir}"
             ) from exc
@@ -561,8 +451,8 @@ def convert_to_universal(path: Path) -> Path:
         ds_to_universal(args)
     with contextlib.suppress(FileNotFoundError):
         (path / "latest_universal").unlink()  # written by the converter next to its output; we do not use it
-    _fsync_tree(partial)
-    _fsync_write(partial / COMPLETE, json.dumps(read_meta(path), sort_keys=True) + "\n")
+    fsync_tree(partial)
+    fsync_write(partial / COMPLETE, json.dumps(read_meta(path), sort_keys=True) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
     log.info("universal checkpoint written: %s", out)
