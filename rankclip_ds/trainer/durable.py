@@ -11,18 +11,24 @@ from pathlib import Path
 __all__ = ["describe", "format_bytes", "fsync_dir", "fsync_files", "fsync_tree", "fsync_write", "storage_diagnosis"]
 
 
+def _fsync(path: str | Path) -> None:
+    """Flush one file or folder (its entries) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably: a temporary file, fsync, rename, fsync the folder."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with tmp.open("w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync(path.parent)
 
 
 def describe(exc: BaseException) -> str:
@@ -31,36 +37,20 @@ def describe(exc: BaseException) -> str:
 
 def fsync_files(paths: list[str | Path]) -> None:
     for name in paths:
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(name)
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path)
 
 
 def fsync_tree(path: Path) -> None:
-    """Flush every file of a checkpoint to stable storage before it is marked complete (a kill -9 keeps the page
-    cache, a node crash does not)."""
+    """Flush every file of a folder tree and the folders themselves (a kill -9 keeps the page cache, a node crash
+    does not)."""
     for root, _dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            _fsync(Path(root) / name)
+        _fsync(root)
 
 
 def storage_diagnosis(folder: Path) -> str:
