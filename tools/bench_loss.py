@@ -12,7 +12,13 @@ predicted peak exceeds ``--mem-limit-gib`` are reported as "does not fit" and no
 
     python tools/bench_loss.py --n 1024 2048 4096 8192 --d 256 --threads 1 --json bench.json
     python tools/bench_loss.py --n 16384 32768 --d 64 --impls naive chunked floor --threads 1 --repeat 0
-    python tools/bench_loss.py --distributed 4 --n 4096 --d 256 --threads 1
+    python tools/bench_loss.py --distributed 4 --n 4096 --d 256 --threads 1 --repeat 3
+
+Distributed runs compare the overlapped ring (each hop posted before the work on the previous block: the first
+chunk's products in the forward gather, the last chunk's gradient products in the reduce-scatter), the blocking
+ring (the same work, done before each hop is posted, then the wait) and the all-gather exchange; ``wait s`` is the
+exposed communication time: seconds the host spent blocked in ``Work.wait()`` of the exchange (the maximum over
+ranks), measured by ``rankclip_ds.losses.exchange.WaitClock``.
 """
 
 from __future__ import annotations
@@ -80,26 +86,36 @@ def _inputs(n, d, seed=0):
     return img, txt
 
 
+RING_BLOCKING = "ring-blocking"  # the ring with the work done before each hop is posted (overlap=False)
+
+
 def _run_loss(rec, img, txt, group=None):
-    """Time forward + backward of one configuration; returns (seconds, loss value)."""
+    """Time forward + backward of one configuration; returns (seconds, loss value, seconds blocked in ring waits)."""
     import torch
 
     from rankclip_ds.losses import rankclip_loss
     from rankclip_ds.losses.chunked import chunked_rankclip_terms
+    from rankclip_ds.losses.exchange import WaitClock
     from rankclip_ds.losses.naive import normalise_inputs
 
     img = img.clone().requires_grad_()
     txt = txt.clone().requires_grad_()
     log_s = torch.tensor(2.6592, requires_grad=True)  # ln(1/0.07)
+    clock = WaitClock()
     t0 = time.perf_counter()
     if rec["impl"] == "floor":
         _floor(img.detach(), txt.detach(), rec["chunk_size"] or img.shape[0])
-        return time.perf_counter() - t0, float("nan")
-    if rec["impl"] == "chunked-recompute":
+        return time.perf_counter() - t0, float("nan"), float("nan")
+    if rec["impl"] in ("chunked-recompute", "chunked"):
+        # the library's chunked path (what rankclip_loss runs), with the benchmark's knobs: the blocking ring and
+        # the wait clock
         i, t, ls = normalise_inputs(img, txt, log_s)
         out = chunked_rankclip_terms(
-            i, t, ls, rank_weight=2.0, lambda_cross=1.0, lambda_in=1.0, comm=rec["comm"],
-            chunk_size=rec["chunk_size"], position_weighting=None, group=group, backward="recompute",
+            i, t, ls, rank_weight=2.0, lambda_cross=1.0, lambda_in=1.0,
+            comm="ring" if rec["comm"] == RING_BLOCKING else rec["comm"], chunk_size=rec["chunk_size"],
+            position_weighting=None, group=group,
+            backward="recompute" if rec["impl"] == "chunked-recompute" else "fused",
+            overlap=rec["comm"] != RING_BLOCKING, clock=clock,
         )  # fmt: skip
     else:
         kw = {"top_k": rec["top_k"]} if rec["impl"] == "top_k" else {}
@@ -108,7 +124,7 @@ def _run_loss(rec, img, txt, group=None):
             group=group, **kw,
         )  # fmt: skip
     out["loss"].backward()
-    return time.perf_counter() - t0, float(out["loss"].detach())
+    return time.perf_counter() - t0, float(out["loss"].detach()), clock.seconds
 
 
 def _floor(img, txt, chunk):
@@ -135,13 +151,13 @@ def _worker(rec):
     runs = []
     for _ in range(rec["repeat"]):  # timed with the default allocator
         cpu0 = time.process_time()
-        seconds, value = _run_loss(rec, img, txt)
+        seconds, value, _ = _run_loss(rec, img, txt)
         runs.append((seconds, time.process_time() - cpu0))
     _reset_rss_peak()
     base = _rss_bytes()
     if rec["repeat"] == 0:  # a single run: timed (profiler overhead is per op, and the ops are large) and measured
         cpu0 = time.process_time()
-        seconds, peak, (_, value) = _profiled_peak(lambda: _run_loss(rec, img, txt))
+        seconds, peak, (_, value, _) = _profiled_peak(lambda: _run_loss(rec, img, txt))
         cpu = time.process_time() - cpu0
     else:
         seconds, cpu = min(runs)
@@ -161,17 +177,20 @@ def _dist_entry(rank, world, port, rec, queue):
     b = rec["N"] // world
     img, txt = img[rank * b : (rank + 1) * b].clone(), txt[rank * b : (rank + 1) * b].clone()
     _run_loss(dict(rec, N=8 * world), img[:8], txt[:8], group=dist.group.WORLD)  # warm up
-    dist.barrier()
-    cpu0 = time.process_time()
-    seconds, value = _run_loss(rec, img, txt, group=dist.group.WORLD)
-    cpu = time.process_time() - cpu0
+    runs = []
+    for _ in range(max(1, rec["repeat"])):  # the fastest of the runs, with its CPU time and wait time
+        dist.barrier()
+        cpu0 = time.process_time()
+        seconds, value, wait = _run_loss(rec, img, txt, group=dist.group.WORLD)
+        runs.append((seconds, time.process_time() - cpu0, wait))
+    seconds, cpu, wait = min(runs)
     _reset_rss_peak()
     dist.barrier()
     base = _rss_bytes()
     _, peak, _ = _profiled_peak(lambda: _run_loss(rec, img, txt, group=dist.group.WORLD))
     rss = max(0, _peak_rss_bytes() - base)
     times = [None] * world
-    dist.all_gather_object(times, (seconds, cpu, peak, rss))
+    dist.all_gather_object(times, (seconds, cpu, peak, rss, wait))
     if rank == 0:
         queue.put(
             {
@@ -179,6 +198,8 @@ def _dist_entry(rank, world, port, rec, queue):
                 "cpu_seconds": max(t[1] for t in times),
                 "peak_bytes": max(t[2] for t in times),
                 "rss_peak_bytes": max(t[3] for t in times),
+                "wait_seconds": max(t[4] for t in times),
+                "wait_seconds_per_rank": [t[4] for t in times],
                 "loss": value,
             }
         )
@@ -258,7 +279,10 @@ def main(argv=None) -> int:
         help="timed runs per configuration (the minimum is kept); 0: one run, timed under the memory-measuring "
         "allocator setting (for the largest sizes)",
     )  # fmt: skip
-    parser.add_argument("--distributed", type=int, default=0, metavar="P", help="run ring vs allgather on P gloo ranks")
+    parser.add_argument("--distributed", type=int, default=0, metavar="P",
+                        help="run the chunked loss on P gloo ranks with each of --comms")  # fmt: skip
+    parser.add_argument("--comms", nargs="+", default=["ring", RING_BLOCKING, "allgather"],
+                        help=f"exchanges for --distributed: ring (overlapped), {RING_BLOCKING}, allgather")  # fmt: skip
     parser.add_argument("--mem-limit-gib", type=float, default=20.0, help="naive runs predicted above this are skipped")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     parser.add_argument("--json", metavar="FILE", help="write the records to FILE")
@@ -282,13 +306,13 @@ def main(argv=None) -> int:
     plan = []
     for n in args.n:
         if args.distributed:
-            for comm in ("ring", "allgather"):
+            for comm in args.comms:
                 plan.append(("chunked", comm, n, args.distributed))
         else:
             plan.extend((impl, "ring", n, 1) for impl in args.impls)
     header = (
-        f"{'impl':<18}{'comm':<10}{'N':>7}{'P':>3}{'D':>5}{'c':>6}{'seconds':>10}{'cpu s':>9}{'peak MiB':>10}"
-        f"{'pred MiB':>10}"
+        f"{'impl':<18}{'comm':<15}{'N':>7}{'P':>3}{'D':>5}{'c':>6}{'seconds':>10}{'cpu s':>9}{'peak MiB':>10}"
+        f"{'pred MiB':>10}{'wait s':>8}"
     )
     print(f"threads per process: {args.threads}")
     print(header)
@@ -310,12 +334,13 @@ def main(argv=None) -> int:
         records.append(rec)
         if rec.get("seconds") is None:
             status = rec.get("note") or rec.get("error")
-            print(f"{impl:<18}{comm:<10}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}  {status}")
+            print(f"{impl:<18}{comm:<15}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}  {status}")
         else:
             print(
-                f"{impl:<18}{comm:<10}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}{rec['seconds']:>10.2f}"
+                f"{impl:<18}{comm:<15}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}{rec['seconds']:>10.2f}"
                 f"{rec.get('cpu_seconds', float('nan')):>9.2f}{rec['peak_bytes'] / 2**20:>10.0f}"
-                f"{predicted / 2**20 if predicted else float('nan'):>10.0f}",
+                f"{predicted / 2**20 if predicted else float('nan'):>10.0f}"
+                f"{rec.get('wait_seconds', float('nan')):>8.3f}",
                 flush=True,
             )
     if args.json:

@@ -25,17 +25,26 @@ from __future__ import annotations
 
 import torch
 
-from .exchange import BlockLayout, block_layout, gather_blocks, reduce_scatter_blocks
+from .exchange import BlockLayout, WaitClock, block_layout, gather_blocks, reduce_scatter_blocks
 from .listmle import position_weights, sorted_rows_loss_grad
 
-__all__ = ["chunked_rankclip_terms", "default_chunk_size"]
+__all__ = ["chunked_rankclip_terms", "default_chunk_size", "linear_space_ok"]
 
 _WORKSPACE_ELEMENTS = 1 << 19  # default c: c * N <= 2^19, ~100 MB of per-chunk workspace (see memory.py)
+_LINEAR_SPACE_SPAN = 600.0  # float64 exp(-600) > 1e-261: no underflow when every score lies within 600 of the shift
 
 
 def default_chunk_size(n: int, b: int) -> int:
     """Default rows per chunk: ``clamp(2^19 // N, 1, b)``: the per-chunk workspace stays ~100 MB for any N."""
     return max(1, min(b, _WORKSPACE_ELEMENTS // max(n, 1)))
+
+
+def linear_space_ok(max_logit_scale: float) -> bool:
+    """Whether ListMLE's float64 linear-space kernel is exact for every scale up to ``max_logit_scale``.
+
+    Scores lie in ``[-s, s]``, so shifting by ``s`` keeps every ``exp`` above ``exp(-2 s)``; the kernel is chosen from
+    the configured maximum (a python float), never from the scale's current value, which stays on the device."""
+    return 2.0 * max_logit_scale <= _LINEAR_SPACE_SPAN
 
 
 def _check_chunk_size(chunk_size, n: int, b: int) -> int:
@@ -46,61 +55,97 @@ def _check_chunk_size(chunk_size, n: int, b: int) -> int:
     return min(chunk_size, b)
 
 
-def _chunk_loop(r_local, k_all, offset, s, coef, mu, chunk, need_grad):
+def _chunk_bounds(b: int, chunk: int) -> list[tuple[int, int]]:
+    return [(i0, min(i0 + chunk, b)) for i0 in range(0, b, chunk)]
+
+
+def _chunk(rc, m, k_all, row0, s, coef, mu, shift, need_grad):
+    """Values (and gradients) of one chunk of ``c`` local rows.
+
+    Args:
+        rc: ``(2c, D)`` ``[I_c; T_c]``.  m: ``(2c, 2N)`` ``rc @ K_allᵀ`` if already computed (the first chunk's
+            products are formed while the ring delivers the blocks), else None.  k_all: ``(2N, D)``.
+        row0: global index of the chunk's first row.  s: 0-d float32 scale (a device tensor, never read back).
+        coef: ``(2, 1, 2, 1)`` weight of each list's per-row gradient (already divided by N).  mu: ``(N,)`` or None.
+        shift: the linear-space shift (``s``) or None for the log-space kernel.
+
+    Returns:
+        ``sums`` float64 ``(3,)`` [sum CE, sum cross rows, sum in-modal rows] and, if ``need_grad``, ``g2`` (2c, 2N)
+        dL/dM and ``dlog`` (0-d float64, this chunk's part of dL/d log s); else ``None, None``.
+    """
+    c, n = rc.shape[0] // 2, k_all.shape[0] // 2
+    if m is None:
+        m = rc @ k_all.T  # (2c, 2N)
+    m = m.view(2, c, 2, n)  # unscaled cosines
+    rows = torch.arange(c, device=rc.device)
+    diag = rows + row0  # (c,) global column of each row's positive
+    # ---- InfoNCE rows: S rows are m[0,:,0], Sᵀ rows are m[1,:,1]; positives on the global diagonal
+    ce_rows = torch.stack([m[0, :, 0], m[1, :, 1]]).mul_(s)  # (2, c, N) scores
+    lse = torch.logsumexp(ce_rows, dim=-1, keepdim=True)  # (2, c, 1)
+    ce_sum = (lse.squeeze(-1) - ce_rows[:, rows, diag]).double().sum()  # sum of the InfoNCE row losses
+    # ---- ListMLE: the target of score row m[a,i,b] is m[1-a,i,1-b]; one stable argsort orders all four lists
+    idx = torch.argsort(m.flip(0, 2), dim=-1, descending=True, stable=True)  # (2, c, 2, N)
+    z = torch.gather(m, -1, idx).double().mul_(s)  # (2, c, 2, N) scores in target order, float64
+    row_loss, g_sorted = sorted_rows_loss_grad(z, mu, shift=shift)  # (2, c, 2), (2, c, 2, N)
+    del z
+    cross = row_loss[0, :, 0].sum() + row_loss[1, :, 1].sum()  # S|Sᵀ and Sᵀ|S
+    inmodal = row_loss[0, :, 1].sum() + row_loss[1, :, 0].sum()  # A|B and B|A
+    sums = torch.stack([ce_sum, cross, inmodal])  # (3,) float64
+    if not need_grad:
+        return sums, None, None
+    # dL/dM = s * dL/dscore: the factor s is folded into coef and the InfoNCE weight
+    g = torch.empty_like(m).scatter_(-1, idx, g_sorted.mul_(coef * s))  # (2, c, 2, N) original order
+    del idx, g_sorted
+    half = s * (0.5 / n)  # 0-d: InfoNCE weight s / 2N
+    ce_grad = ce_rows.sub_(lse).exp_().mul_(half)  # (2, c, N) s * softmax / 2N
+    ce_grad[:, rows, diag] -= half
+    g[0, :, 0] += ce_grad[0]
+    g[1, :, 1] += ce_grad[1]
+    del ce_grad, ce_rows
+    dlog = torch.dot(g.view(-1), m.reshape(-1)).double()  # d/d log s = sum_score score * dL/dscore = sum M dL/dM
+    return sums, g.view(2 * c, 2 * n), dlog
+
+
+def _chunk_loop(r_local, k_all, offset, s, coef, mu, shift, chunk, need_grad, first_m=None, defer_last=False):
     """Run the chunk loop over the local rows.
 
     Args:
         r_local: ``(2, b, D)`` normalised ``[I_r; T_r]``.  k_all: ``(2N, D)`` ``[T_all; I_all]``.
-        offset: global index of the first local row.  s: python float scale.
-        coef: ``(2, 1, 2, 1)`` float32 weight of each list's per-row gradient (already divided by N).
-        mu: position weights ``(N,)`` or None.  chunk: rows per chunk.  need_grad: form the gradients too.
+        offset: global index of the first local row.  s, coef, mu, shift: see :func:`_chunk`.
+        chunk: rows per chunk.  need_grad: form the gradients too.
+        first_m: a list holding the first chunk's ``(2c, 2N)`` products if already formed (popped when used, so
+            that they are freed with the chunk).
+        defer_last: leave the last chunk's ``dK`` contribution out of ``dk`` and return ``(g2, rc)`` instead, so
+            that the reduce-scatter can form it per owner while its hops are in flight.
 
     Returns:
         ``sums`` float64 ``[sum CE, sum cross rows, sum in-modal rows]``, and if ``need_grad``: ``dr`` ``(2, b, D)``,
-        ``dk`` ``(2N, D)``, ``dlog`` (python float, gradient w.r.t. log s).
+        ``dk`` ``(2N, D)``, ``dlog`` (0-d float64 tensor, gradient w.r.t. log s) and the deferred ``(g2, rc)`` or None.
     """
     _, b, d = r_local.shape
-    n = k_all.shape[0] // 2
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=r_local.device)
     dr = torch.zeros_like(r_local) if need_grad else None  # (2, b, D)
     dk = torch.zeros_like(k_all) if need_grad else None  # (2N, D)
-    dlog = 0.0
-    shift = s if 2.0 * s <= 600.0 else None  # |cos| <= 1, so scores lie in [-s, s]: linear space is exact
-    for i0 in range(0, b, chunk):
-        i1 = min(i0 + chunk, b)
+    dlog = torch.zeros((), dtype=torch.float64, device=r_local.device) if need_grad else None
+    deferred = None
+    bounds = _chunk_bounds(b, chunk)
+    for j, (i0, i1) in enumerate(bounds):
         c = i1 - i0
         rc = r_local[:, i0:i1].reshape(2 * c, d)  # (2c, D) [I_c; T_c]
-        m = (rc @ k_all.T).view(2, c, 2, n)  # (2, c, 2, N) unscaled cosines
-        # ---- InfoNCE rows: S rows are m[0,:,0], Sᵀ rows are m[1,:,1]; positives on the global diagonal
-        diag = torch.arange(offset + i0, offset + i1)
-        ce_rows = torch.stack([m[0, :, 0], m[1, :, 1]]).mul_(s)  # (2, c, N) scores
-        lse = torch.logsumexp(ce_rows, dim=-1, keepdim=True)  # (2, c, 1)
-        pos = ce_rows[:, torch.arange(c), diag]  # (2, c)
-        sums[0] += (lse.squeeze(-1) - pos).double().sum()
-        # ---- ListMLE: the target of score row m[a,i,b] is m[1-a,i,1-b]; one stable argsort orders all four lists
-        idx = torch.argsort(m.flip(0, 2), dim=-1, descending=True, stable=True)  # (2, c, 2, N)
-        z = torch.gather(m, -1, idx).double().mul_(s)  # (2, c, 2, N) scores in target order, float64
-        row_loss, g_sorted = sorted_rows_loss_grad(z, mu, shift=shift)  # (2, c, 2), (2, c, 2, N)
-        del z
-        sums[1] += row_loss[0, :, 0].sum() + row_loss[1, :, 1].sum()  # S|Sᵀ and Sᵀ|S
-        sums[2] += row_loss[0, :, 1].sum() + row_loss[1, :, 0].sum()  # A|B and B|A
+        m = first_m.pop() if j == 0 and first_m else None
+        part, g2, dl = _chunk(rc, m, k_all, offset + i0, s, coef, mu, shift, need_grad)
+        del m
+        sums += part
         if not need_grad:
             continue
-        # dL/dM = s * dL/dscore: the factor s is folded into coef and the InfoNCE weight
-        g = torch.empty_like(m).scatter_(-1, idx, g_sorted.mul_(coef * s))  # (2, c, 2, N) original order
-        del idx, g_sorted
-        ce_grad = ce_rows.sub_(lse).exp_().mul_(0.5 * s / n)  # (2, c, N) s * softmax / 2N
-        ce_grad[:, torch.arange(c), diag] -= 0.5 * s / n
-        g[0, :, 0] += ce_grad[0]
-        g[1, :, 1] += ce_grad[1]
-        del ce_grad, ce_rows
-        dlog += float(torch.dot(g.view(-1), m.view(-1)))  # d/d log s = sum_score score * dL/dscore = sum M dL/dM
-        g2 = g.view(2 * c, 2 * n)  # (2c, 2N) dL/dM
-        del m
+        dlog += dl
         dr[:, i0:i1] = (g2 @ k_all).view(2, c, d)
-        dk.addmm_(g2.T, rc)
-        del g, g2
-    return sums, dr, dk, dlog
+        if defer_last and j == len(bounds) - 1:
+            deferred = (g2, rc)
+        else:
+            dk.addmm_(g2.T, rc)
+        del g2
+    return sums, dr, dk, dlog, deferred
 
 
 class _ChunkedRankClip(torch.autograd.Function):
@@ -109,21 +154,44 @@ class _ChunkedRankClip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, log_s, opts):
         layout: BlockLayout = opts["layout"]
-        n = layout.n
-        s = float(log_s.exp())
+        n, b, d = layout.n, img.shape[0], img.shape[1]
+        s = log_s.detach().exp()  # 0-d float32 on the device: never read back to the host
+        shift = s if opts["linear_space"] else None
         w, lc, li = opts["rank_weight"], opts["lambda_cross"], opts["lambda_in"]
         alpha = w / (32.0 * n)
         # per-row ListMLE gradient weight (d L / d row_loss = alpha * lambda / N) for lists S, A, B, Sᵀ
-        coef = torch.tensor([[lc, li], [li, lc]], dtype=torch.float32).view(2, 1, 2, 1) * (alpha / n)
-        mu = position_weights(n, opts["position_weighting"])
+        coef = torch.tensor([[lc, li], [li, lc]], dtype=torch.float32, device=img.device).view(2, 1, 2, 1) * (alpha / n)
+        mu = position_weights(n, opts["position_weighting"], device=img.device)
+        fused = opts["backward"] == "fused"
+        chunk = opts["chunk"]
         with torch.no_grad():
             r_local = torch.stack([img, txt])  # (2, b, D)
-            k_all = gather_blocks(torch.cat([txt, img], 0), layout, opts["group"], opts["comm"])  # (2N, D)
+            # The first chunk's products are formed block by block while the ring delivers the blocks.
+            c0 = min(chunk, b)
+            rc0 = r_local[:, :c0].reshape(2 * c0, d)  # (2c0, D)
+            first_m = [rc0.new_empty(2 * c0, 2 * n)]  # (2c0, 2N) = rc0 @ K_allᵀ, freed by the loop once used
+
+            def first_chunk_products(r: int, block: torch.Tensor) -> None:  # block (2 b_r, D) = [T_r; I_r]
+                lo, hi = layout.rows(r)
+                prod = rc0 @ block.T  # (2c0, 2 b_r)
+                first_m[0][:, lo:hi] = prod[:, : hi - lo]
+                first_m[0][:, n + lo : n + hi] = prod[:, hi - lo :]
+
+            k_all = gather_blocks(
+                torch.cat([txt, img], 0),
+                layout,
+                opts["group"],
+                opts["comm"],
+                on_block=first_chunk_products,
+                overlap=opts["overlap"],
+                clock=opts["clock"],
+            )  # (2N, D)
             offset = layout.offsets[layout.rank]
-            fused = opts["backward"] == "fused"
-            sums, dr, dk, dlog = _chunk_loop(r_local, k_all, offset, s, coef, mu, opts["chunk"], fused)
+            sums, dr, dk, dlog, deferred = _chunk_loop(
+                r_local, k_all, offset, s, coef, mu, shift, chunk, fused, first_m=first_m, defer_last=fused
+            )
             if fused:
-                dr += _remote_grads(dk, layout, opts)
+                dr += _remote_grads(dk, layout, opts, deferred)
             if opts["group"] is not None and layout.world > 1:
                 import torch.distributed as dist
 
@@ -132,10 +200,10 @@ class _ChunkedRankClip(torch.autograd.Function):
         cross, inmodal = sums[1] / n, sums[2] / n
         loss = clip + alpha * (lc * cross + li * inmodal)
         if fused:
-            ctx.save_for_backward(dr, torch.tensor(dlog, dtype=torch.float64))
+            ctx.save_for_backward(dr, dlog)
         else:
-            ctx.save_for_backward(r_local, k_all)
-        ctx.opts = dict(opts, s=s, coef=coef, mu=mu)
+            ctx.save_for_backward(r_local, k_all, s)
+        ctx.opts = dict(opts, coef=coef, mu=mu)
         outs = tuple(t.float() for t in (loss, clip, cross, inmodal))
         ctx.mark_non_differentiable(*outs[1:])
         return outs
@@ -146,31 +214,68 @@ class _ChunkedRankClip(torch.autograd.Function):
         if opts["backward"] == "fused":
             dr, dlog = ctx.saved_tensors
         else:
-            r_local, k_all = ctx.saved_tensors
+            r_local, k_all, s = ctx.saved_tensors
             layout = opts["layout"]
+            shift = s if opts["linear_space"] else None
             with torch.no_grad():
                 offset = layout.offsets[layout.rank]
-                _, dr, dk, dlog = _chunk_loop(
-                    r_local, k_all, offset, opts["s"], opts["coef"], opts["mu"], opts["chunk"], True
+                _, dr, dk, dlog, deferred = _chunk_loop(
+                    r_local, k_all, offset, s, opts["coef"], opts["mu"], shift, opts["chunk"], True, defer_last=True
                 )
-                dr += _remote_grads(dk, layout, opts)
-                dlog = torch.tensor(dlog, dtype=torch.float64)
+                dr += _remote_grads(dk, layout, opts, deferred)
         g = grad_loss.float()
         return dr[0] * g, dr[1] * g, (dlog * g).float(), None
 
 
-def _remote_grads(dk: torch.Tensor, layout: BlockLayout, opts) -> torch.Tensor:
-    """Sum the ``[dT; dI]`` accumulators of every rank for this rank's rows; return them as ``(2, b, D)`` [dI; dT]."""
-    mine = reduce_scatter_blocks(dk, layout, opts["group"], opts["comm"])  # (2b, D) [dT_r; dI_r]
+def _remote_grads(dk: torch.Tensor, layout: BlockLayout, opts, deferred=None) -> torch.Tensor:
+    """Sum the ``[dT; dI]`` accumulators of every rank for this rank's rows; return them as ``(2, b, D)`` [dI; dT].
+
+    ``deferred = (g2, rc)``: the last chunk's ``dL/dM`` (2c, 2N) and rows (2c, D), whose contribution to each owner's
+    rows (``g2[:, owner columns]ᵀ rc``) is formed inside the reduce-scatter, while its hops are in flight."""
+    contribution = None
+    if deferred is not None:
+        g2, rc = deferred
+        n = layout.n
+
+        def contribution(r: int) -> torch.Tensor:
+            lo, hi = layout.rows(r)
+            return torch.cat([g2[:, lo:hi], g2[:, n + lo : n + hi]], 1).T @ rc  # (2 b_r, D) [dT_r; dI_r]
+
+    mine = reduce_scatter_blocks(
+        dk,
+        layout,
+        opts["group"],
+        opts["comm"],
+        contribution=contribution,
+        overlap=opts.get("overlap", True),
+        clock=opts.get("clock"),
+    )  # (2b, D) [dT_r; dI_r]
     b = mine.shape[0] // 2
     return torch.stack([mine[b:], mine[:b]])
 
 
 def chunked_rankclip_terms(
-    img, txt, log_s, *, rank_weight, lambda_cross, lambda_in, comm, chunk_size, position_weighting, group, backward
+    img,
+    txt,
+    log_s,
+    *,
+    rank_weight,
+    lambda_cross,
+    lambda_in,
+    comm,
+    chunk_size,
+    position_weighting,
+    group,
+    backward,
+    max_logit_scale: float = 100.0,
+    block_sizes=None,
+    overlap: bool = True,
+    clock: WaitClock | None = None,
 ):
-    """Chunked loss on normalised float32 ``img, txt`` (b, D) and clamped ``log_s``; returns the output dict."""
-    layout = block_layout(img.shape[0], group)
+    """Chunked loss on normalised float32 ``img, txt`` (b, D) and clamped ``log_s``; returns the output dict.
+
+    ``overlap=False`` (the blocking ring) and ``clock`` (seconds spent waiting on the ring) exist for the benchmark."""
+    layout = block_layout(img.shape[0], group, sizes=block_sizes, device=img.device)
     opts = {
         "layout": layout,
         "rank_weight": float(rank_weight),
@@ -181,6 +286,9 @@ def chunked_rankclip_terms(
         "position_weighting": position_weighting,
         "group": group,
         "backward": backward,
+        "linear_space": linear_space_ok(max_logit_scale),
+        "overlap": overlap,
+        "clock": clock,
     }
     loss, clip, cross, inmodal = _ChunkedRankClip.apply(img, txt, log_s, opts)
     return {"loss": loss, "clip": clip, "cross": cross, "inmodal": inmodal}

@@ -91,7 +91,7 @@ def listmle(
 
 
 def sorted_rows_loss_grad(
-    z: torch.Tensor, mu: torch.Tensor | None, *, shift: float | None = None
+    z: torch.Tensor, mu: torch.Tensor | None, *, shift: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row losses and their closed-form gradient for scores already sorted by target order.
 
@@ -100,8 +100,9 @@ def sorted_rows_loss_grad(
     Args:
         z: ``(..., n)`` scores in target order (float32, or float64 to avoid one more rounding).
         mu: ``(n,)`` position weights or None.
-        shift: if given, an upper bound on every score with ``max - min <= 600`` (the RankCLIP scores obey
-            ``|p| <= s <= 100``): the suffix sums are then taken in float64 *linear* space,
+        shift: if given (a python float or a 0-d tensor on ``z``'s device: it is never read back to the host), an
+            upper bound on every score with ``max - min <= 600`` (the RankCLIP scores obey ``|p| <= s``, and the
+            caller passes ``s`` when ``2 s_max <= 600``): the suffix sums are then taken in float64 *linear* space,
             ``S_k = sum_{l>=k} exp(p_(l) - shift)``, whose terms cannot underflow (``exp(-600) > 1e-261``) and
             are all positive, so the cumulative sums are exact to ~n * 1e-16 relative.  It is 5-10x cheaper
             than ``logcumsumexp`` on the CPU.  ``None`` selects the log-space path (``logcumsumexp``), valid for
@@ -134,7 +135,7 @@ def sorted_rows_loss_grad(
             inv = suffix.reciprocal_()
         else:
             mud = mu.double()
-            row_loss = log_suffix @ mud + float(mud.sum()) * shift - z @ mud
+            row_loss = log_suffix @ mud + mud.sum() * shift - z @ mud
             inv = suffix.reciprocal_().mul_(mud)
         del log_suffix
         grad = inv.cumsum_(-1).mul_(u).sub_(1.0 if mu is None else mud)  # exp(p_j - shift) sum_{k<=j} mu_k/S_k - mu_j

@@ -32,39 +32,45 @@ def _block(k_all, n, j0, j1):
     return torch.cat([k_all[j0:j1], k_all[n + j0 : n + j1]], 0)  # (2w, D) [T_blk; I_blk]
 
 
-def _topk_chunk(rc, k_all, c, offset, s, k, mu, coef, block, dr_c, dk):
-    """One chunk of c rows; returns float64 sums [CE, cross, in-modal] and d/dlog s; fills dr_c (2c, D), dk."""
+def _diagonal_in_block(c: int, row0: int, j0: int, j1: int) -> tuple[int, int]:
+    """Chunk rows ``[h0, h1)`` whose positive (global column ``row0 + h``) lies in the column block ``[j0, j1)``:
+    plain integer arithmetic, so no mask is read back from the device."""
+    return max(0, j0 - row0), min(c, j1 - row0)
+
+
+def _topk_chunk(rc, k_all, c, row0, s, k, mu, coef, block, dr_c, dk):
+    """One chunk of c rows starting at global row ``row0``; returns float64 sums [CE, cross, in-modal] and d/dlog s
+    (both 0-d/1-d device tensors); fills dr_c (2c, D), dk."""
     n = k_all.shape[0] // 2
+    dev = rc.device
     lists = (2, c, 2)
     top_t = rc.new_empty(*lists, 0)  # (2, c, 2, <=K) targets of the running top-K, sorted desc
     top_z = rc.new_empty(*lists, 0)  # scores of the same items
-    top_i = torch.empty(*lists, 0, dtype=torch.int64)  # their global column indices
+    top_i = torch.empty(*lists, 0, dtype=torch.int64, device=dev)  # their global column indices
     tail = rc.new_full(lists, float("-inf"), dtype=torch.float64)  # (2, c, 2) LSE of scores outside the top-K
     ce_lse = rc.new_full((2, c), float("-inf"), dtype=torch.float64)  # InfoNCE row LSE for S and Sᵀ rows
-    diag = torch.arange(offset, offset + c)
-    rows = torch.arange(c)
-    ce_pos = torch.zeros(2, c, dtype=torch.float64)
+    ce_pos = torch.zeros(2, c, dtype=torch.float64, device=dev)
     for j0 in range(0, n, block):  # ---- pass 1: top-K, tail LSE, InfoNCE LSE
         j1 = min(j0 + block, n)
         m = (rc @ _block(k_all, n, j0, j1).T).view(2, c, 2, j1 - j0)  # (2, c, 2, w) cosines
         z = m * s
         ce = torch.stack([z[0, :, 0], z[1, :, 1]]).double()  # (2, c, w)
         ce_lse = torch.logaddexp(ce_lse, torch.logsumexp(ce, -1))
-        hit = (diag >= j0) & (diag < j1)
-        if hit.any():
-            ce_pos[:, hit] = ce[:, rows[hit], diag[hit] - j0]
+        h0, h1 = _diagonal_in_block(c, row0, j0, j1)
+        if h0 < h1:
+            hits = torch.arange(h0, h1, device=dev)
+            ce_pos[:, h0:h1] = ce[:, hits, hits + (row0 - j0)]
         cand_t = torch.cat([top_t, m.flip(0, 2)], -1)  # targets: the partner rows
         cand_z = torch.cat([top_z, z], -1)
-        cand_i = torch.cat([top_i, torch.arange(j0, j1).expand(*lists, -1)], -1)
+        cand_i = torch.cat([top_i, torch.arange(j0, j1, device=dev).expand(*lists, -1)], -1)
         order = torch.argsort(cand_t, dim=-1, descending=True, stable=True)
         keep, drop = order[..., :k], order[..., k:]
         if drop.shape[-1]:
             tail = torch.logaddexp(tail, torch.logsumexp(torch.gather(cand_z, -1, drop).double(), -1))
         top_t, top_z, top_i = (torch.gather(x, -1, keep) for x in (cand_t, cand_z, cand_i))
-    kk = top_z.shape[-1]  # min(K, N)
     zt = top_z.double()
     lse = torch.logaddexp(tail.unsqueeze(-1), torch.logcumsumexp(zt.flip(-1), -1).flip(-1))  # (2, c, 2, K)
-    mud = None if mu is None else mu[:kk].double()
+    mud = None if mu is None else mu[: zt.shape[-1]].double()  # K = min(top_k, N) positions
     terms = lse - zt if mud is None else (lse - zt) * mud
     row_loss = terms.sum(-1)  # (2, c, 2)
     log_c = torch.logcumsumexp(-lse if mud is None else mud.log() - lse, -1)  # (2, c, 2, K)
@@ -78,7 +84,7 @@ def _topk_chunk(rc, k_all, c, offset, s, k, mu, coef, block, dr_c, dk):
             row_loss[0, :, 1].sum() + row_loss[1, :, 0].sum(),
         ]
     )
-    dlog = 0.0
+    dlog = torch.zeros((), dtype=torch.float64, device=dev)
     for j0 in range(0, n, block):  # ---- pass 2: gradients of the block's scores
         j1 = min(j0 + block, n)
         w = j1 - j0
@@ -92,12 +98,14 @@ def _topk_chunk(rc, k_all, c, offset, s, k, mu, coef, block, dr_c, dk):
         is_top = torch.zeros_like(g).scatter_add_(-1, pos, inside.float()) > 0
         g.masked_fill_(is_top, 0.0).scatter_add_(-1, pos, torch.where(inside, g_top, 0.0))
         ce_g = (torch.stack([z[0, :, 0], z[1, :, 1]]).double() - ce_lse.unsqueeze(-1)).exp_()  # softmax
-        hit = (diag >= j0) & (diag < j1)
-        ce_g[:, rows[hit], diag[hit] - j0] -= 1.0
+        h0, h1 = _diagonal_in_block(c, row0, j0, j1)
+        if h0 < h1:
+            hits = torch.arange(h0, h1, device=dev)
+            ce_g[:, hits, hits + (row0 - j0)] -= 1.0
         ce_g = (ce_g * (0.5 / n)).float()
         g[0, :, 0] += ce_g[0]
         g[1, :, 1] += ce_g[1]
-        dlog += s * float(torch.dot(g.view(-1), m.reshape(-1)))
+        dlog += s * torch.dot(g.view(-1), m.reshape(-1))
         g2 = g.view(2 * c, 2 * w).mul_(s)  # (2c, 2w) dL/dM
         dr_c += g2 @ kb
         dkb = g2.T @ rc  # (2w, D)
@@ -111,25 +119,26 @@ class _TopKRankClip(torch.autograd.Function):
     def forward(ctx, img, txt, log_s, opts):
         layout = opts["layout"]
         n, b, d = layout.n, img.shape[0], img.shape[1]
-        s = float(log_s.exp())
+        dev = img.device
+        s = log_s.detach().exp()  # 0-d float32 on the device: never read back to the host
         w, lc, li = opts["rank_weight"], opts["lambda_cross"], opts["lambda_in"]
         alpha = w / (32.0 * n)
-        coef = torch.tensor([[lc, li], [li, lc]], dtype=torch.float64).view(2, 1, 2, 1) * (alpha / n)
+        coef = torch.tensor([[lc, li], [li, lc]], dtype=torch.float64, device=dev).view(2, 1, 2, 1) * (alpha / n)
         k = min(opts["top_k"], n)
-        mu = position_weights(k, opts["position_weighting"], dtype=torch.float64)
+        mu = position_weights(k, opts["position_weighting"], dtype=torch.float64, device=dev)
         with torch.no_grad():
             k_all = gather_blocks(torch.cat([txt, img], 0), layout, opts["group"], opts["comm"])  # (2N, D)
             offset = layout.offsets[layout.rank]
-            dr = torch.zeros(2, b, d)  # (2, b, D) [dI; dT]
+            dr = img.new_zeros(2, b, d)  # (2, b, D) [dI; dT]
             dk = torch.zeros_like(k_all)
-            sums = torch.zeros(3, dtype=torch.float64)
-            dlog = 0.0
+            sums = torch.zeros(3, dtype=torch.float64, device=dev)
+            dlog = torch.zeros((), dtype=torch.float64, device=dev)
             chunk, block = opts["chunk"], opts["block"]
             for i0 in range(0, b, chunk):
                 i1 = min(i0 + chunk, b)
                 c = i1 - i0
                 rc = torch.cat([img[i0:i1], txt[i0:i1]], 0)  # (2c, D)
-                dr_c = torch.zeros(2 * c, d)
+                dr_c = img.new_zeros(2 * c, d)
                 part, dl = _topk_chunk(rc, k_all, c, offset + i0, s, k, mu, coef, block, dr_c, dk)
                 sums += part
                 dlog += dl
@@ -141,7 +150,7 @@ class _TopKRankClip(torch.autograd.Function):
                 dist.all_reduce(sums, group=opts["group"])
         clip, cross, inmodal = sums[0] / (2 * n), sums[1] / n, sums[2] / n
         loss = clip + alpha * (lc * cross + li * inmodal)
-        ctx.save_for_backward(dr, torch.tensor(dlog, dtype=torch.float64))
+        ctx.save_for_backward(dr, dlog)
         outs = tuple(t.float() for t in (loss, clip, cross, inmodal))
         ctx.mark_non_differentiable(*outs[1:])
         return outs
@@ -154,10 +163,22 @@ class _TopKRankClip(torch.autograd.Function):
 
 
 def topk_rankclip_terms(
-    img, txt, log_s, *, top_k, rank_weight, lambda_cross, lambda_in, comm, chunk_size, position_weighting, group
+    img,
+    txt,
+    log_s,
+    *,
+    top_k,
+    rank_weight,
+    lambda_cross,
+    lambda_in,
+    comm,
+    chunk_size,
+    position_weighting,
+    group,
+    block_sizes=None,
 ):
     """Top-K loss on normalised float32 ``img, txt`` (b, D) and clamped ``log_s``; returns the output dict."""
-    layout = block_layout(img.shape[0], group)
+    layout = block_layout(img.shape[0], group, sizes=block_sizes, device=img.device)
     b = img.shape[0]
     block = min(_BLOCK_COLUMNS, layout.n)
     if chunk_size is None:
