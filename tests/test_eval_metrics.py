@@ -14,6 +14,7 @@ from rankclip_ds.evaluate.metrics import (
     recall_at_k,
     retrieval_metrics,
 )
+from rankclip_ds.evaluate.zeroshot import zeroshot_classifier_from_embeddings
 
 
 def brute_rank(row: list[float], positives: set[int]) -> int:
@@ -170,6 +171,32 @@ def test_recall_and_errors():
         retrieval_metrics(torch.eye(2), torch.eye(2), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="2 class names for a classifier of 3"):
         classification_metrics(torch.eye(3), torch.eye(3), torch.arange(3), classnames=["a", "b"])
+
+
+def test_metrics_check_their_input_after_scoring():
+    """classification_metrics and retrieval_metrics score first (no host read) and check the counts of their one read
+    back: labels outside the classes, non-finite scores, captions of no image, no captions at all."""
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) .*got min 0 max 3"):
+        classification_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) .*got min -1 max 2"):
+        classification_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, -1, 2]))
+    with pytest.raises(ValueError, match=r"^1 query rows have non-finite"):
+        classification_metrics(torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]), torch.eye(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"text_to_image must index the 2 images, got range \[0, 2\]"):
+        retrieval_metrics(torch.eye(2), torch.eye(2)[[0, 1, 1]], torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="non-finite"):
+        retrieval_metrics(torch.eye(2), torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="needs images and captions, got 2 images and 0 captions"):
+        retrieval_metrics(torch.eye(2), torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+
+
+def test_zeroshot_classifier_is_the_normalised_mean_of_normalised_prompts():
+    prompts = torch.randn(3 * 4, 5, generator=torch.Generator().manual_seed(0))  # 3 classes × 4 templates
+    got = zeroshot_classifier_from_embeddings(prompts, 3)
+    expected = F.normalize(F.normalize(prompts, dim=-1).view(3, 4, 5).mean(dim=1), dim=-1)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="same number of templates for every class"):
+        zeroshot_classifier_from_embeddings(prompts, 5)
 
 
 def test_top_k_at_least_num_classes_is_one():

@@ -9,38 +9,57 @@ the same arguments, embeds a slice of the data, and gets the same result. See ``
 from .datasets import EvalData, list_image_folder, open_eval_data, resolve_classnames
 from .features import ImageFeatures, encode_texts, extract_image_features
 from .linear_probe import DEFAULT_WEIGHT_DECAYS, fit_logistic_regression, linear_probe_eval, linear_probe_from_features
-from .metrics import TIE_RULE, best_positive_rank, classification_metrics, rank_of_target, retrieval_metrics
+from .metrics import (
+    TIE_RULE,
+    ClassificationCounts,
+    RetrievalRanks,
+    best_positive_rank,
+    classification_counts,
+    classification_metrics,
+    hits_at_k,
+    rank_of_target,
+    recall_at_k,
+    retrieval_metrics,
+    retrieval_ranks,
+)
 from .report import append_jsonl, format_summary, log_eval, scalar_summary, write_json
 from .retrieval import retrieval_eval
 from .templates import OPENAI_IMAGENET_TEMPLATES, fill_template, resolve_templates
-from .zeroshot import build_zeroshot_classifier, zeroshot_eval
+from .zeroshot import build_zeroshot_classifier, zeroshot_classifier_from_embeddings, zeroshot_eval
 
 __all__ = [
     "DEFAULT_WEIGHT_DECAYS",
     "OPENAI_IMAGENET_TEMPLATES",
     "TIE_RULE",
+    "ClassificationCounts",
     "EvalData",
     "ImageFeatures",
+    "RetrievalRanks",
     "append_jsonl",
     "best_positive_rank",
     "build_zeroshot_classifier",
+    "classification_counts",
     "classification_metrics",
     "encode_texts",
     "extract_image_features",
     "fill_template",
     "fit_logistic_regression",
     "format_summary",
+    "hits_at_k",
     "linear_probe_eval",
     "linear_probe_from_features",
     "list_image_folder",
     "log_eval",
     "open_eval_data",
     "rank_of_target",
+    "recall_at_k",
     "resolve_classnames",
     "resolve_templates",
     "retrieval_eval",
     "retrieval_metrics",
+    "retrieval_ranks",
     "scalar_summary",
     "write_json",
+    "zeroshot_classifier_from_embeddings",
     "zeroshot_eval",
 ]

@@ -90,9 +90,10 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 
 
 def _comm_device(device: torch.device) -> torch.device:
-    """Where collective buffers live: CUDA for NCCL, the CPU for gloo."""
+    """Where collective buffers live: the CPU for gloo; for NCCL (CUDA tensors only) the data's device ``device``,
+    which is this rank's GPU (the trainer evaluates on it), or the current CUDA device when the data is elsewhere."""
     if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -248,15 +249,16 @@ def encode_texts(
     return _gather_rows(local, device)
 
 
-def same_on_every_rank(obj):
+def same_on_every_rank(obj, device: str | torch.device = "cpu"):
     """Rank 0's ``obj`` on every rank (a broadcast; identity without a process group).
 
     Every rank computes the metrics from the same gathered embeddings; broadcasting rank 0's copy makes the returned
-    numbers identical even where floating-point reductions could differ between devices.
+    numbers identical even where floating-point reductions could differ between devices. ``device``: the device the
+    evaluation ran on (the broadcast's buffer goes there under NCCL).
     """
     _, world = dist_rank_world()
     if world == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=_comm_device(torch.device("cpu")))
+    dist.broadcast_object_list(box, src=0, device=_comm_device(torch.device(device)))
     return box[0]

@@ -119,7 +119,10 @@ def linear_probe_from_features(
     num_val = min(max(1, round(n * val_fraction)), n - 1)
     if num_val < 1:
         raise ValueError(f"{n} train samples: need at least 2 to hold out a validation split")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train_y = train_y.to(train_x.device)
+    # the split is drawn on the host by a seeded CPU generator (the same split on every device), then moved to the
+    # features' device to index them
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(train_x.device)
     val_idx, fit_idx = perm[:num_val], perm[num_val:]
     sweep = []
     for wd in weight_decays:
@@ -131,6 +134,7 @@ def linear_probe_from_features(
             max_iter=max_iter,
             device=device,
         )
+        w, b = w.to(train_x.device), b.to(train_x.device)  # fitted on `device`, returned on the CPU
         val_pred = (train_x[val_idx].float() @ w.T + b).argmax(dim=1)  # (V,)  argmax: first index on ties
         sweep.append({"weight_decay": float(wd), "val_top1": float((val_pred == train_y[val_idx]).double().mean())})
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["val_top1"], -i))  # first listed wins a tie
@@ -138,10 +142,10 @@ def linear_probe_from_features(
     w, b = fit_logistic_regression(
         train_x, train_y, num_classes=num_classes, weight_decay=best_wd, max_iter=max_iter, device=device
     )
-    # logits = [x, 1] @ [W, b]^T: the metrics' rank rule then applies unchanged
-    ones = torch.ones(test_x.shape[0], 1)
+    # logits = [x, 1] @ [W, b]^T: the metrics' rank rule then applies unchanged (scored on the test features' device)
+    ones = test_x.new_ones(test_x.shape[0], 1, dtype=torch.float32)  # (N, 1)
     metrics = classification_metrics(
-        torch.cat([test_x.float().cpu(), ones], dim=1), torch.cat([w, b[:, None]], dim=1), test_y.cpu(), ks=(1,),
+        torch.cat([test_x.float(), ones], dim=1), torch.cat([w, b[:, None]], dim=1).to(test_x.device), test_y, ks=(1,),
         classnames=classnames,
     )  # fmt: skip
     return {
@@ -244,4 +248,4 @@ def linear_probe_eval(
         for reason, n in (part or {}).items():
             skipped[reason] = skipped.get(reason, 0) + n
     result["skipped"] = skipped
-    return same_on_every_rank(result)
+    return same_on_every_rank(result, device)

@@ -92,4 +92,4 @@ def retrieval_eval(
     result["skipped"] = images.skipped
     if images.skipped:
         log.warning("retrieval on %s: skipped input %s", result["data"], images.skipped)
-    return same_on_every_rank(result)
+    return same_on_every_rank(result, device)

@@ -17,7 +17,7 @@ from .features import dist_rank_world, encode_texts, extract_image_features, sam
 from .metrics import classification_metrics
 from .templates import fill_template, resolve_templates
 
-__all__ = ["build_zeroshot_classifier", "zeroshot_eval"]
+__all__ = ["build_zeroshot_classifier", "zeroshot_classifier_from_embeddings", "zeroshot_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ def build_zeroshot_classifier(
 ) -> torch.Tensor:
     """One unit-norm weight row per class → (C, D) float32 on the CPU.
 
-    Each class's prompts (every template filled with the class name) are embedded and L2-normalised, averaged over
-    the templates, and the mean is L2-normalised again (CLIP's prompt ensembling).
+    Each class's prompts (every template filled with the class name) are embedded, then combined by
+    :func:`zeroshot_classifier_from_embeddings` (CLIP's prompt ensembling).
     """
     if not classnames:
         raise ValueError("no class names: zero-shot classification needs one name per class")
@@ -50,11 +50,26 @@ def build_zeroshot_classifier(
         batch_size=batch_size,
         max_length=max_length,
         device=device,
-        normalize=True,
+        normalize=False,
         progress=progress,
         desc="class prompts",
     )  # (C·T, D)
-    per_class = emb.view(len(classnames), len(templates), -1).mean(dim=1)  # (C, D)
+    return zeroshot_classifier_from_embeddings(emb, len(classnames))
+
+
+def zeroshot_classifier_from_embeddings(prompt_emb: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The zero-shot classifier from prompt embeddings: (C·T, D) class-major (the T prompts of class 0, then of
+    class 1, ...) → (C, D), one unit-norm row per class, on the device and in the dtype of ``prompt_emb``.
+
+    Each prompt embedding is L2-normalised, the T of a class are averaged, and the mean is L2-normalised again.
+    """
+    if num_classes < 1 or prompt_emb.dim() != 2 or prompt_emb.shape[0] % num_classes:
+        raise ValueError(
+            f"prompt embeddings {tuple(prompt_emb.shape)} must be (C·T, D) for C={num_classes} classes: "
+            "the same number of templates for every class, class-major"
+        )
+    per_prompt = F.normalize(prompt_emb, dim=-1)  # (C·T, D)
+    per_class = per_prompt.view(num_classes, prompt_emb.shape[0] // num_classes, -1).mean(dim=1)  # (C, D)
     return F.normalize(per_class, dim=-1)
 
 
@@ -148,4 +163,4 @@ def zeroshot_eval(
     result["skipped"] = images.skipped
     if images.skipped:
         log.warning("zero-shot on %s: skipped input %s", result["data"], images.skipped)
-    return same_on_every_rank(result)
+    return same_on_every_rank(result, device)
