@@ -1,18 +1,31 @@
-"""Launcher environment parsing (torchrun, DeepSpeed, SLURM) and a real 2-process rendezvous."""
+"""Launcher environment parsing (torchrun, DeepSpeed, SLURM), a real 2-process rendezvous, and the NCCL flight
+recorder's variables (set before the NCCL group exists, never for gloo, the user's values kept, the same in the
+Slurm scripts)."""
 
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port
-from rankclip_ds.dist import DistEnvError, DistInfo, expand_slurm_nodelist, read_dist_env, setup_logging
+from conftest import REPO_ROOT, clean_launcher_env, free_port
+from rankclip_ds.dist import (
+    DistEnvError,
+    DistInfo,
+    expand_slurm_nodelist,
+    init_distributed,
+    nccl_diagnostics_env,
+    read_dist_env,
+    setup_logging,
+)
 
 TORCHRUN_ENV = {
     "RANK": "5",
@@ -220,3 +233,249 @@ def test_slurm_style_env_two_processes_rendezvous(tmp_path, launcher_env):
     assert all(p.returncode == 0 for p in procs), outs
     assert "PROBE rank=0 world=2 local=0 launcher=slurm backend=gloo sum=3" in outs[0]
     assert "PROBE rank=1 world=2 local=1 launcher=slurm backend=gloo sum=3" in outs[1]
+
+
+# ------------------------------------------------------------------------------------------------ NCCL diagnostics
+# Every name PyTorch 2.14 reads for the settings nccl_diagnostics_env makes, the older aliases included.
+NCCL_DIAGNOSTIC_NAMES = (
+    "TORCH_FR_BUFFER_SIZE",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT",
+    "TORCH_NCCL_ENABLE_MONITORING",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "NCCL_ASYNC_ERROR_HANDLING",
+    "TORCH_FR_DUMP_TEMP_FILE",
+    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+)
+
+
+def expected_nccl_env(run_dir: Path | str) -> dict[str, str]:
+    return {
+        "TORCH_FR_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_ENABLE_MONITORING": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "TORCH_FR_DUMP_TEMP_FILE": f"{run_dir}/nccl_dumps/rank_",
+    }
+
+
+def without_nccl_diagnostics(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in NCCL_DIAGNOSTIC_NAMES}
+
+
+def test_nccl_diagnostics_env_dumps_into_the_run_folder(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "cc3m"
+    assert nccl_diagnostics_env(run, {}) == expected_nccl_env(run)
+    # A relative run folder becomes absolute: a rank's working directory need not be the caller's.
+    monkeypatch.chdir(tmp_path)
+    assert nccl_diagnostics_env("runs/cc3m", {})["TORCH_FR_DUMP_TEMP_FILE"] == f"{run}/nccl_dumps/rank_"
+    assert not (tmp_path / "runs").exists()  # pure: nothing created
+
+
+@pytest.mark.parametrize(
+    ("user_set", "same_setting"),
+    [
+        ({"TORCH_FR_BUFFER_SIZE": "5000"}, "TORCH_FR_BUFFER_SIZE"),
+        ({"TORCH_NCCL_TRACE_BUFFER_SIZE": "0"}, "TORCH_FR_BUFFER_SIZE"),  # the older name of the same setting
+        ({"TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}, "TORCH_NCCL_DUMP_ON_TIMEOUT"),
+        ({"TORCH_NCCL_ENABLE_MONITORING": "0"}, "TORCH_NCCL_ENABLE_MONITORING"),
+        ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}, "TORCH_NCCL_ASYNC_ERROR_HANDLING"),  # as torchrun's agent sets it
+        ({"NCCL_ASYNC_ERROR_HANDLING": "2"}, "TORCH_NCCL_ASYNC_ERROR_HANDLING"),
+        ({"TORCH_FR_DUMP_TEMP_FILE": "/scratch/me/fr_"}, "TORCH_FR_DUMP_TEMP_FILE"),
+        ({"TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/scratch/me/fr_"}, "TORCH_FR_DUMP_TEMP_FILE"),
+    ],
+)
+def test_nccl_diagnostics_env_keeps_what_the_user_set(tmp_path, user_set, same_setting):
+    got = nccl_diagnostics_env(tmp_path, user_set)
+    assert same_setting not in got and not set(user_set) & set(got)
+    assert got == {k: v for k, v in expected_nccl_env(tmp_path).items() if k != same_setting}
+    # An empty value is no setting (torch would reject it), as `${VAR:=value}` treats it in the Slurm scripts.
+    assert nccl_diagnostics_env(tmp_path, dict.fromkeys(user_set, "")) == expected_nccl_env(tmp_path)
+
+
+def test_the_nccl_variables_are_read_by_this_torch():
+    """The names and the error-handling value exist in the installed PyTorch (its C++ headers, and the dump file's
+    names in libtorch_cpu.so, where the flight recorder's writer reads them): nothing invented, nothing renamed by
+    an upgrade without this failing."""
+    torch_dir = Path(torch.__file__).parent
+    headers = torch_dir / "include" / "torch" / "csrc" / "distributed" / "c10d"
+    if not (headers / "ProcessGroupNCCL.hpp").is_file():
+        pytest.skip(f"this torch ships no C++ headers in {headers}")
+    pg_nccl = (headers / "ProcessGroupNCCL.hpp").read_text()
+    for name in ("TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_ENABLE_MONITORING", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        assert f'"{name}"' in pg_nccl, name
+    assert '"TORCH_NCCL_ASYNC_ERROR_HANDLING",\n    "NCCL_ASYNC_ERROR_HANDLING"' in pg_nccl
+    assert "SkipCleanUp = 3" in pg_nccl
+    recorder = (headers / "FlightRecorder.hpp").read_text()
+    assert '{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}' in recorder
+    with open(torch_dir / "lib" / "libtorch_cpu.so", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        for name in (b"TORCH_FR_DUMP_TEMP_FILE", b"TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+            assert m.find(name + b"\0") != -1, name
+
+
+@pytest.fixture
+def group_creation(monkeypatch):
+    """init_distributed with the process group (plain or through DeepSpeed) and the CUDA device stubbed: records the
+    backend, os.environ and the run folder's contents at the moment the group would be created. The environment is
+    restored afterwards."""
+    import deepspeed
+    import torch.distributed as dist
+
+    written = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in (*written, *NCCL_DIAGNOSTIC_NAMES):
+        # setenv first so that monkeypatch removes at teardown what init_distributed writes during the test.
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    seen: dict = {}
+
+    def init_process_group(backend, timeout):
+        seen["backend"], seen["env"] = backend, dict(os.environ)
+        seen["files"] = sorted(str(p.relative_to(seen["run"])) for p in seen["run"].rglob("*"))
+
+    def deepspeed_init_distributed(dist_backend, timeout, auto_mpi_discovery):
+        init_process_group(dist_backend, timeout)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(deepspeed, "init_distributed", deepspeed_init_distributed)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    return seen
+
+
+def one_process(device_type: str) -> DistInfo:
+    return DistInfo(0, 1, 0, 1, 0, "127.0.0.1", free_port(), "single", device_type)
+
+
+@pytest.mark.parametrize("use_deepspeed", [True, False], ids=["deepspeed", "torch"])
+def test_init_distributed_sets_the_nccl_variables_before_the_group_exists(
+    tmp_path, group_creation, monkeypatch, use_deepspeed
+):
+    run = group_creation["run"] = tmp_path / "run"
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # exported by the user (or torchrun's agent)
+    init_distributed(one_process("cuda"), use_deepspeed=use_deepspeed, single_process=True, diagnostics_dir=run)
+    assert group_creation["backend"] == "nccl"
+    env = group_creation["env"]
+    assert {k: env.get(k) for k in expected_nccl_env(run)} == {
+        **expected_nccl_env(run),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }
+    assert group_creation["files"] == ["nccl_dumps"]  # the writer creates no folder; it existed in time
+
+
+def test_an_unwritable_dump_folder_is_a_warning_not_a_failure(tmp_path, group_creation, caplog):
+    run = group_creation["run"] = tmp_path / "run"
+    run.write_text("a file where the run folder should be")
+    with caplog.at_level(logging.WARNING, logger="rankclip_ds.dist"):
+        init_distributed(one_process("cuda"), use_deepspeed=False, single_process=True, diagnostics_dir=run)
+    assert group_creation["backend"] == "nccl"  # the group is created all the same
+    assert f"cannot create the NCCL flight recorder's dump folder {run}/nccl_dumps" in caplog.text
+    assert "point TORCH_FR_DUMP_TEMP_FILE at a writable folder" in caplog.text
+
+
+def test_init_distributed_sets_nothing_nccl_for_gloo(tmp_path, group_creation):
+    run = group_creation["run"] = tmp_path / "run"
+    run.mkdir()
+    init_distributed(one_process("cpu"), use_deepspeed=False, single_process=True, diagnostics_dir=run)
+    assert group_creation["backend"] == "gloo"
+    assert not set(group_creation["env"]) & set(NCCL_DIAGNOSTIC_NAMES)
+    assert group_creation["files"] == []
+
+
+def test_the_trainer_passes_its_run_folder(tmp_path, monkeypatch):
+    """The Trainer hands init_distributed its run folder, so that the dumps land in the run."""
+    from rankclip_ds.config import load_config
+    from rankclip_ds.trainer import trainer as trainer_module
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def init_distributed_stub(info, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(trainer_module, "init_distributed", init_distributed_stub)
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "r1", "--optim.micro_batch_size", "8"])
+    with pytest.raises(Stop):
+        trainer_module.Trainer(cfg, {"zero_optimization": {"stage": 2}}, one_process("cpu"))
+    assert calls and Path(calls[0]["diagnostics_dir"]) == tmp_path / "r1"
+
+
+SLURM_GPU_JOB = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NAME": "rankclip",
+    "SLURM_SUBMIT_DIR": REPO_ROOT,
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[007-008]",
+    "SLURM_TASKS_PER_NODE": "4(x2)",
+    "SLURM_GPUS_ON_NODE": "4",
+    "MASTER_ADDR": "gpu007",  # no scontrol needed
+    "PYTHON": "python3",
+}
+
+
+def slurm_exports(extra: dict[str, str | None]) -> tuple[str, dict[str, str]]:
+    """Sources slurm/lib/train_job.sh and runs its settings as a job start does (``extra`` over a 2-node GPU job,
+    None removes a variable); returns the run folder and the NCCL variables exported to the job step."""
+    script = """
+set -euo pipefail
+DEFAULT_CONFIG=configs/cc3m_vitb32_paper.yaml
+source slurm/lib/train_job.sh
+train_job_settings
+echo "RUN_DIR=$RUN_DIR"
+env
+"""
+    env = {**without_nccl_diagnostics(clean_launcher_env()), **SLURM_GPU_JOB, **extra}
+    env = {k: v for k, v in env.items() if v is not None}
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return lines["RUN_DIR"], {k: v for k, v in lines.items() if k in NCCL_DIAGNOSTIC_NAMES}
+
+
+def test_slurm_gpu_job_exports_what_dist_py_sets(tmp_path):
+    run_dir, exported = slurm_exports({"OUTPUT_DIR": str(tmp_path / "runs")})
+    assert run_dir == f"{tmp_path}/runs/rankclip-123456"
+    assert exported == nccl_diagnostics_env(run_dir, {}) == expected_nccl_env(run_dir)
+    # OUTPUT_DIR defaults to runs/, relative to the checkout: the dump path is made absolute.
+    _, exported = slurm_exports({"RUN_NAME": "rel"})
+    assert exported["TORCH_FR_DUMP_TEMP_FILE"] == f"{REPO_ROOT}/runs/rel/nccl_dumps/rank_"
+    assert not Path(REPO_ROOT, "runs", "rel").exists()  # the ranks create the folder, not the settings
+
+
+def test_slurm_gpu_job_keeps_what_the_user_set(tmp_path):
+    user = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/scratch/me/fr_"}
+    run_dir, exported = slurm_exports({"OUTPUT_DIR": str(tmp_path), **user})
+    assert exported == {**user, **nccl_diagnostics_env(run_dir, user)}
+    assert "TORCH_FR_DUMP_TEMP_FILE" not in exported
+
+
+def test_slurm_cpu_job_exports_nothing_nccl(tmp_path):
+    cpu = {"SLURM_GPUS_ON_NODE": None, "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NUM_NODES": "1"}
+    _, exported = slurm_exports({**cpu, "OUTPUT_DIR": str(tmp_path)})
+    assert exported == {}
+
+
+@pytest.mark.timeout(120)
+def test_deepspeed_launcher_hands_the_variables_to_the_ranks(tmp_path):
+    """slurm/lib/ds_node.sh -> DeepSpeed's runner (--no_ssh) -> launch.py -> the rank: the exported variables arrive."""
+    probe = tmp_path / "probe.py"
+    names = sorted(expected_nccl_env(tmp_path))
+    probe.write_text(f"import os\nfor n in {names!r}:\n    print(f'PROBE {{n}}={{os.environ.get(n)}}')\n")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    env = {
+        **without_nccl_diagnostics(clean_launcher_env()),
+        **expected_nccl_env(tmp_path),
+        "PYTHON": sys.executable,
+        "DS_HOSTFILE": str(hostfile),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "SLURM_NODEID": "0",
+    }
+    cmd = ["bash", "slurm/lib/ds_node.sh", str(probe)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    arrived = dict(line.removeprefix("PROBE ").split("=", 1) for line in proc.stdout.splitlines() if "PROBE " in line)
+    assert arrived == expected_nccl_env(tmp_path)

@@ -20,6 +20,10 @@ set -euo pipefail
 # (${a[@]+"${a[@]}"}: an empty array under `set -u` is an error in bash < 4.4, still common on clusters.)
 read -r -a launcher_args <<<"${DS_LAUNCHER_ARGS:-}"
 trap '' USR1
+# The environment reaches the ranks as it is, the NCCL flight recorder's TORCH_* variables from train_job.sh included:
+# with --no_ssh the runner starts launch.py with `env = os.environ.copy()` and launch.py the ranks with
+# `current_env = os.environ.copy()` (DeepSpeed 0.19.8; its pdsh fan-out, not used here, would forward only NCCL*,
+# PYTHON*, ... variables).
 exec "${PYTHON:-python3}" -u -m deepspeed.launcher.runner --hostfile "$DS_HOSTFILE" --no_ssh \
   --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   ${launcher_args[@]+"${launcher_args[@]}"} "$@"

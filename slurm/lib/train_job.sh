@@ -38,6 +38,9 @@
 #   STEP_WAIT       seconds srun waits after the first rank exits before ending the others (a crashed rank
 #                   would otherwise leave the rest blocked in a collective until dist.timeout_minutes)
 #                                                          (default: 600)
+#   TORCH_FR_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT, TORCH_NCCL_ENABLE_MONITORING, TORCH_NCCL_ASYNC_ERROR_HANDLING,
+#   TORCH_FR_DUMP_TEMP_FILE  PyTorch's NCCL flight recorder, GPU jobs only (default: 2000, 1, 1, 3 and
+#                   <run folder>/nccl_dumps/rank_, as rankclip_ds/dist.py sets them; see train_job_nccl_diagnostics)
 # Arguments after the script name are passed to train.py as overrides (`--optim.lr 1e-3 ...`).
 
 REQUEUE_EXIT_CODE=75 # rankclip_ds/trainer/signals.py: EX_TEMPFAIL, "stopped on request, resume me"
@@ -49,6 +52,33 @@ job_log() {
 job_die() {
   job_log "error: $*"
   exit 2
+}
+
+# export NAME=VALUE, unless NAME or one of the other names PyTorch reads for the same setting is set already: the
+# user's value wins, as in rankclip_ds/dist.py.
+export_unless_set() {
+  local name=$1 value=$2 other
+  for other in "$name" "${@:3}"; do
+    [[ -z ${!other:-} ]] || return 0
+  done
+  export "$name=$value"
+}
+
+# PyTorch's NCCL flight recorder, GPU jobs only (gloo reads none of it): on a collective timeout every rank writes
+# its last collectives to <run folder>/nccl_dumps/rank_<rank> before it is torn down; `torchfrtrace <that folder>`
+# reads them. The names and values of rankclip_ds/dist.py's nccl_diagnostics_env, which gives the reason for each
+# from PyTorch 2.14's source. The ranks apply them again (and create the folder) before the NCCL process group
+# exists; exported here as well, they are in the job's log and reach every process of the step under either
+# launcher, whatever its entry point.
+train_job_nccl_diagnostics() {
+  local dump_dir=$RUN_DIR/nccl_dumps
+  [[ $dump_dir == /* ]] || dump_dir=$PWD/$dump_dir # the ranks' working directory may differ
+  export_unless_set TORCH_FR_BUFFER_SIZE 2000 TORCH_NCCL_TRACE_BUFFER_SIZE
+  export_unless_set TORCH_NCCL_DUMP_ON_TIMEOUT 1
+  export_unless_set TORCH_NCCL_ENABLE_MONITORING 1
+  export_unless_set TORCH_NCCL_ASYNC_ERROR_HANDLING 3 NCCL_ASYNC_ERROR_HANDLING
+  export_unless_set TORCH_FR_DUMP_TEMP_FILE "$dump_dir/rank_" TORCH_NCCL_DEBUG_INFO_TEMP_FILE
+  NCCL_DUMP_PREFIX=${TORCH_FR_DUMP_TEMP_FILE:-${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-}}
 }
 
 # The trap: remember the signal and hand it to the training step exactly once (the trainer treats a second signal
@@ -143,6 +173,8 @@ train_job_settings() {
     export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK # one rank's share of the node's cores
   fi
   export PYTHONUNBUFFERED=1
+  NCCL_DUMP_PREFIX=""
+  if [[ ${SLURM_GPUS_ON_NODE:-0} -gt 0 ]]; then train_job_nccl_diagnostics; fi
 
   TRAIN_ARGS=(rankclip_ds/train.py --deepspeed "$DS_CONFIG" --config "$CONFIG" --run.output_dir "$OUTPUT_DIR"
     --run.name "$RUN_NAME" --checkpoint.resume "$RESUME")
@@ -200,6 +232,10 @@ train_job_main() {
     "$PROCS_PER_NODE rank(s) per node = world $WORLD_SIZE_PLANNED, LAUNCHER=$LAUNCHER"
   job_log "run folder $RUN_DIR; recipe $CONFIG; DeepSpeed $DS_CONFIG; master $MASTER_ADDR:$MASTER_PORT"
   job_log "commit $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown); python $PYTHON"
+  if [[ -n $NCCL_DUMP_PREFIX ]]; then
+    job_log "NCCL flight recorder: a collective timeout dumps to ${NCCL_DUMP_PREFIX}<rank>; read with" \
+      "torchfrtrace $(dirname "$NCCL_DUMP_PREFIX")"
+  fi
   if [[ -f $RUN_DIR/checkpoints/latest ]]; then
     job_log "checkpoint to resume: $RUN_DIR/checkpoints/$(<"$RUN_DIR/checkpoints/latest")"
   fi
