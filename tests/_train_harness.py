@@ -8,7 +8,10 @@ SPEC (JSON): ``overrides`` (config overrides list), ``ds`` (DeepSpeed JSON dict)
 signal to a rank after a step), ``fault`` (storage faults from a step on: ``{"after_step": k, "kind": "fsize",
 "bytes": n}`` caps the size of any file this process writes (RLIMIT_FSIZE: writes beyond it fail with EFBIG, as
 on a full disk), ``"kind": "disk_free"`` makes the free-space query report ``bytes``), ``nan`` (``{"steps": [..],
-"rank": r}``: that rank's first micro-batch of those steps gets NaN images, so the global loss is non-finite).
+"rank": r}``: that rank's first micro-batch of those steps gets NaN images, so the global loss is non-finite),
+``push_logit_scale`` (``{"step": k, "value": v}``: before step k, the optimizer's fp32 master copy of the logit
+scale and the module's copy are set to v, as a scale drifting past ``model.max_logit_scale`` would be; each rank
+then also records the master's final value, read through DeepSpeed's ``safe_get_full_fp32_param``).
 A run that ends in a ``TrainingError`` writes ``{"error": message}`` and exits with 1.
 Each rank writes ``<out>/rank<r>.json`` with the per-step scalars; rank 0 also writes the embeddings of a fixed
 probe batch (``probe_emb.pt``) computed by the live model after training.
@@ -98,12 +101,16 @@ def main() -> None:
     send = spec.get("signal")  # {"rank": r, "step": k, "name": "SIGUSR1"}: deliver a real signal to that rank
 
     nan = spec.get("nan")
+    push = spec.get("push_logit_scale")
 
     def recording_step(micro_batches):
+        if push and trainer.step + 1 == push["step"]:
+            push_logit_scale(trainer, push["value"])
         if nan and info.rank == nan["rank"] and trainer.step + 1 in nan["steps"]:
             micro_batches[0] = {**micro_batches[0], "image": torch.full_like(micro_batches[0]["image"], float("nan"))}
         result = step_fn(micro_batches)
-        records.append({"step": trainer.step + 1, **result, "logit_scale_raw": trainer.logit_scale_value()})
+        scalars = {k: float(v) for k, v in result.items()}  # the loss components are device tensors
+        records.append({"step": trainer.step + 1, **scalars, "logit_scale_raw": trainer.logit_scale_value()})
         if send and info.rank == send["rank"] and trainer.step + 1 == send["step"]:
             os.kill(os.getpid(), getattr(signal, send["name"]))
         return result
@@ -140,6 +147,10 @@ def main() -> None:
     if info.is_main:
         torch.save({"image": emb_img, "text": emb_txt, "probe": probe, "live": live}, out / "probe_emb.pt")
 
+    if push:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        result["master_logit_scale"] = float(safe_get_full_fp32_param(trainer.model.logit_scale))  # a collective
     if spec.get("probe") == "zero3_logit_scale":
         p = trainer.model.logit_scale
         result["logit_scale_partitioned"] = bool(getattr(p, "ds_numel", None)) and p.numel() == 0
@@ -153,6 +164,21 @@ def main() -> None:
     (out / f"rank{info.rank}.json").write_text(json.dumps(result, default=str))
     if summary["stopped_by_signal"]:
         sys.exit(trainer_exit_code())
+
+
+def push_logit_scale(trainer: Trainer, value: float) -> None:
+    """Set the logit scale's fp32 master (DeepSpeed's own API, any ZeRO stage) and the module's copy to ``value``."""
+    import deepspeed
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    p = trainer.model.logit_scale
+    if hasattr(p, "ds_id"):  # ZeRO-3: each rank's partition (the full setter fails for a parameter of 1 element)
+        safe_set_local_fp32_param(p, torch.full_like(safe_get_local_fp32_param(p), value))
+    else:
+        safe_set_full_fp32_param(p, torch.full((1,), value, device=trainer.device))
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        if trainer.info.rank == 0 or trainer.zero_stage < 3:
+            p.data.fill_(value)
 
 
 def inject_storage_fault(fault: dict) -> None:

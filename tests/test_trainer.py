@@ -56,6 +56,7 @@ def run_harness(
     fault: dict | None = None,
     nan: dict | None = None,
     expect_failure: bool = False,
+    push_logit_scale: dict | None = None,
 ) -> dict:
     # The default run folder comes first so that an override of it wins.
     spec = {"overrides": [*TINY, "--run.output_dir", str(out / "runs"), *overrides], "ds": ds, "out": str(out),
@@ -68,6 +69,8 @@ def run_harness(
         spec["fault"] = fault
     if nan:
         spec["nan"] = nan
+    if push_logit_scale:
+        spec["push_logit_scale"] = push_logit_scale
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -368,3 +371,36 @@ def test_signal_on_one_rank_stops_all_ranks_after_a_checkpoint(runs, tmp_path):
     resumed = run_harness(out / "b", [*common, "--checkpoint.resume", "latest"], ds)
     assert [r["step"] for r in resumed["records"]] == [3, 4, 5, 6]
     torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(full)[2:]), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_logit_scale_cannot_drift_past_the_clamp_in_the_optimizers_master(stage, tmp_path):
+    """``model.max_logit_scale`` is the one clamp, and it reaches what the optimizer updates: DeepSpeed's fp32 master
+    copy is set past it before step 3 (as a scale that keeps rising would push it), then training goes on through
+    the real loop. The master (DeepSpeed's ``safe_get_full_fp32_param`` and its ``zero_to_fp32`` consolidation of
+    the checkpoint), the live value, the logged value and the export all stay at or below ``ln(max)``; clamping
+    the module's parameter alone leaves the master, and so the export, at the pushed value."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bound = float(torch.tensor(math.log(14.3)))  # ln(14.3) rounded to float32, as the clamp stores it
+    run = run_harness(
+        tmp_path, ["--optim.micro_batch_size", "8", "--model.max_logit_scale", "14.3"],
+        {"zero_optimization": ZERO[stage]}, push_logit_scale={"step": 3, "value": bound + 0.5},
+    )  # fmt: skip
+    live = [r["logit_scale_raw"] for r in run["records"]]
+    assert all(v <= bound for v in live), live
+    assert live[2] == bound  # the pushed step was clamped: the test pushed the value past the clamp indeed
+    for rank in run["ranks"]:
+        assert rank["master_logit_scale"] <= bound, rank["master_logit_scale"]
+    acc = EventAccumulator(str(run["run"] / "tb"))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("train/logit_scale_raw")]
+    assert len(logged) == 6 and all(v <= bound for v in logged), logged
+    assert all(e.value <= 14.3 + 1e-5 for e in acc.Scalars("train/logit_scale"))
+    ckpt = run["run"] / "checkpoints"
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="step_00000006")
+    assert consolidated["logit_scale"].item() <= bound
+    assert export_state(run)["logit_scale"].item() <= bound

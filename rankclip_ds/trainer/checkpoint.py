@@ -231,7 +231,7 @@ class CheckpointManager:
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 rng = path / f"rng_rank{self.rank:05d}.pt"
-                torch.save(capture_rng_state(), rng)
+                torch.save(capture_rng_state(engine.device), rng)
                 # Each rank flushes what it wrote (a node crash loses the page cache; rank 0's fsync would not
                 # reach another node's files on every file system).
                 fsync_files([*writes.paths, rng])
@@ -415,7 +415,7 @@ class CheckpointManager:
             raise TrainingError(f"DeepSpeed could not load the checkpoint at {target.path}")
         rng = target.path / f"rng_rank{self.rank:05d}.pt"
         if same_world and rng.is_file():
-            restore_rng_state(torch.load(rng, weights_only=True))
+            restore_rng_state(torch.load(rng, weights_only=True), engine.device)
         elif self.rank == 0:
             log.warning(
                 "%s: RNG streams (dropout, augmentation) restart from the seed: the checkpoint was written by "

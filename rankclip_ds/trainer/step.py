@@ -31,6 +31,11 @@ class StepRunner:
     Gradient contract: ``rankclip_loss`` gives each rank the gradient of the *global* loss for its embeddings and
     its share of the logit-scale gradient; DeepSpeed averages gradients over ranks, so every backward is scaled by
     the world size.
+
+    Host reads: the loss runs without any (every rank's rows are known: ``micro_batch_size``, or all accumulated
+    micro-batches with gradient caching, passed as ``block_sizes``); the step reads one flag per loss call (is the
+    loss finite? It decides what is back-propagated) and returns its loss components as device tensors, read by
+    the trainer once per logging window.
     """
 
     def __init__(
@@ -42,12 +47,15 @@ class StepRunner:
         world_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        micro_batch_size: int,
+        max_logit_scale: float = 100.0,
         profile_loss: bool = False,
         max_nonfinite_streak: int = 5,
         tracker=None,
     ) -> None:
         self.engine, self.loss_cfg, self.group = engine, loss_cfg, group
         self.world_size, self.device, self.dtype = world_size, device, dtype
+        self.micro_batch_size, self.max_logit_scale = micro_batch_size, max_logit_scale
         self.profile_loss = profile_loss
         self.loss_seconds = 0.0  # time inside the loss since the last read (profile_loss)
         self.nonfinite_total = 0
@@ -64,8 +72,11 @@ class StepRunner:
         if self.tracker is not None:
             self.tracker.enter(name)
 
-    def run(self, micro_batches: list[dict], rank_weight: float, *, grad_cache: bool, step: int) -> dict[str, float]:
-        """One optimizer step over the micro-batches; returns the step's loss components (global values)."""
+    def run(
+        self, micro_batches: list[dict], rank_weight: float, *, grad_cache: bool, step: int
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step over the micro-batches; returns the step's loss components (global values, 0-d
+        tensors on the device: reading them is left to the caller's logging)."""
         self.step = step
         if grad_cache:
             return self._grad_cache_step(micro_batches, rank_weight)
@@ -85,19 +96,21 @@ class StepRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _loss(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float, rows: int) -> dict:
         if not self.profile_loss:
-            return self._loss_call(img, txt, logit_scale, w)
+            return self._loss_call(img, txt, logit_scale, w, rows)
         # The loss forms its gradients in its forward (its backward only scales them), so timing the call
         # measures its whole cost.
         self._sync()
         t0 = time.perf_counter()
-        out = self._loss_call(img, txt, logit_scale, w)
+        out = self._loss_call(img, txt, logit_scale, w, rows)
         self._sync()
         self.loss_seconds += time.perf_counter() - t0
         return out
 
-    def _loss_call(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float) -> dict:
+    def _loss_call(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w: float, rows: int) -> dict:
+        """``rows``: every rank's local rows (equal on all ranks: the loader yields only full batches). A batch of
+        another size on this rank is refused by the loss with a message, instead of a hang in the exchange."""
         lc = self.loss_cfg
         return rankclip_loss(
             img,
@@ -112,6 +125,8 @@ class StepRunner:
             top_k=lc.top_k,
             position_weighting=lc.position_weighting,
             group=self.group,
+            max_logit_scale=self.max_logit_scale,
+            block_sizes=None if self.group is None else [rows] * self.world_size,
         )
 
     def _finite_or_skip(self, out: dict, where: str) -> bool:
@@ -165,15 +180,15 @@ class StepRunner:
         finally:
             opt.check_grad_overflow = previous
 
-    def _accumulation_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
-        sums: dict[str, float] = {}
+    def _accumulation_step(self, micro_batches: list[dict], w: float) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
         world = self.world_size
         discard = False
         for i, batch in enumerate(micro_batches):
             images, ids, mask = self._to_device(batch)
             self._phase(f"forward and loss embedding exchange (micro-batch {i})")
             img, txt, logit_scale = self.engine(images, ids, mask)
-            out = self._loss(img, txt, logit_scale, w)
+            out = self._loss(img, txt, logit_scale, w, self.micro_batch_size)
             finite = self._finite_or_skip(out, f"micro-batch {i}")
             discard |= not finite
             loss = out["loss"] if finite else self._discard_loss(img, txt, logit_scale)
@@ -184,11 +199,11 @@ class StepRunner:
             with self._discarding(discard and i == len(micro_batches) - 1):
                 self.engine.step()
             for k in COMPONENTS:
-                sums[k] = sums.get(k, 0.0) + float(out[k].detach()) / len(micro_batches)
+                sums[k] = sums.get(k, 0.0) + out[k].detach() / len(micro_batches)
         self._end_step(discard)
         return sums
 
-    def _grad_cache_step(self, micro_batches: list[dict], w: float) -> dict[str, float]:
+    def _grad_cache_step(self, micro_batches: list[dict], w: float) -> dict[str, torch.Tensor]:
         """GradCache: embed all micro-batches without autograd, one loss over the whole global batch, then re-run
         each micro-batch with autograd and inject the cached embedding gradients (same RNG as the first pass)."""
         world = self.world_size
@@ -196,7 +211,7 @@ class StepRunner:
         self._phase("gradient-cache embedding forward")
         with torch.no_grad():
             for batch in micro_batches:
-                rng_states.append(_capture_torch_rng())
+                rng_states.append(_capture_torch_rng(self.device))
                 img, txt, scale = self.engine(*self._to_device(batch))
                 imgs.append(img.float())
                 txts.append(txt.float())
@@ -204,7 +219,7 @@ class StepRunner:
         txt_all = torch.cat(txts).requires_grad_(True)
         scale_leaf = scale.detach().float().requires_grad_(True)
         self._phase("gradient-cache loss embedding exchange")
-        out = self._loss(img_all, txt_all, scale_leaf, w)
+        out = self._loss(img_all, txt_all, scale_leaf, w, self.micro_batch_size * len(micro_batches))
         finite = self._finite_or_skip(out, "gradient-cache loss")
         if finite:
             out["loss"].backward()
@@ -213,7 +228,7 @@ class StepRunner:
         g_txt = txt_all.grad.split(sizes) if finite else None
         for i, batch in enumerate(micro_batches):
             self._phase(f"gradient-cache replay: forward, backward gradient reduction, step (micro-batch {i})")
-            _restore_torch_rng(rng_states[i])
+            _restore_torch_rng(rng_states[i], self.device)
             img, txt, logit_scale = self.engine(*self._to_device(batch))
             if finite:
                 surrogate = (img.float() * g_img[i]).sum() + (txt.float() * g_txt[i]).sum()
@@ -227,14 +242,16 @@ class StepRunner:
             with self._discarding(not finite and i == len(micro_batches) - 1):
                 self.engine.step()
         self._end_step(not finite)
-        return {k: float(out[k].detach()) for k in COMPONENTS}
+        return {k: out[k].detach() for k in COMPONENTS}
 
 
-def _capture_torch_rng() -> tuple:
-    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+def _capture_torch_rng(device: torch.device) -> tuple:
+    """The CPU generator, and the generator of this rank's GPU only (dropout runs there; the other GPUs belong to
+    other ranks)."""
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def _restore_torch_rng(state: tuple) -> None:
+def _restore_torch_rng(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+        torch.cuda.set_rng_state(state[1], device)

@@ -25,6 +25,7 @@ from ..export import save_export
 from ..losses import official_rank_weight, step_rank_weight
 from ..model import DualEncoder, build_model, build_tokenizer
 from .checkpoint import CheckpointManager, LoadTarget
+from .logit_scale import clamp_logit_scale
 from .metrics import MetricsWriter, StepTimer, format_duration, memory_stats
 from .optim import build_lr_lambda, build_optimizer
 from .resume import agree_resume, batches_consumed
@@ -83,7 +84,9 @@ class Trainer:
             rank=info.rank,
             min_free_factor=cfg.checkpoint.min_free_factor,
         )
-        init_distributed(info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True)
+        init_distributed(
+            info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True, diagnostics_dir=self.run_dir
+        )
         self.group = dist.group.WORLD if info.distributed else None
         self.device = torch.device(info.device)
         # Found and checked before any heavy work, by rank 0 for everyone; a checkpoint of another world size or
@@ -176,6 +179,8 @@ class Trainer:
             world_size=info.world_size,
             device=self.device,
             dtype=self.dtype,
+            micro_batch_size=self.batch.micro_batch_size,
+            max_logit_scale=cfg.model.max_logit_scale,
             profile_loss=cfg.logging.profile_loss,
             tracker=self.tracker,
         )
@@ -247,22 +252,21 @@ class Trainer:
         return step_rank_weight(step, self.total_steps, w_max=lc.rank_weight_max, hold_from=lc.rank_weight_hold_from)
 
     # ------------------------------------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns this step's scalars."""
+    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor | float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns this step's scalars (the loss
+        components as device tensors, read once per logging window)."""
         w = self.rank_weight(self.step)
-        out = self.stepper.run(micro_batches, w, grad_cache=self.cfg.optim.grad_cache, step=self.step)
-        self.tracker.enter("logit-scale clamp (parameter gather under ZeRO-3)")
+        out: dict[str, torch.Tensor | float] = dict(
+            self.stepper.run(micro_batches, w, grad_cache=self.cfg.optim.grad_cache, step=self.step)
+        )
+        self.tracker.enter("logit-scale clamp (optimizer master and module copy, no collective)")
         self._clamp_logit_scale()
         out["rank_weight"] = w
         return out
 
     def _clamp_logit_scale(self) -> None:
-        import deepspeed
-
-        param = self.model.logit_scale
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if self.info.rank == 0 or self.zero_stage < 3:
-                self.model.clamp_logit_scale_()
+        """``model.max_logit_scale`` on the optimizer's fp32 master and on the module (see logit_scale.py)."""
+        clamp_logit_scale(self.model.logit_scale, self.cfg.model.max_logit_scale)
 
     def logit_scale_value(self) -> float:
         """The raw (log) logit scale, gathered under ZeRO-3."""
@@ -381,6 +385,7 @@ class Trainer:
     def _log_window(self, window: dict[str, float], timer: StepTimer, start: float, first_step: int) -> None:
         self.tracker.enter("logging (logit-scale gather under ZeRO-3)", self.step)
         n = timer.steps
+        window = {k: float(v) for k, v in window.items()}  # the window's one read of the device
         scalars = {f"train/{k}": v / n for k, v in window.items() if k != "rank_weight"}
         scalars["train/rank_weight"] = window.get("rank_weight", 0.0) / n
         raw = self.logit_scale_value()
