@@ -234,3 +234,17 @@ def test_epoch_reaches_persistent_workers(shards):
     assert got == [fresh[0], fresh[1], fresh[0]]
     persistent.resume(1, samples=12)
     assert epoch_keys(persistent, 1) == fresh[1][3:]
+
+
+def test_starting_an_epoch_or_a_resume_leaves_the_global_rng_alone(shards):
+    """Each new DataLoader iterator (an epoch, a resume) draws its workers' base seed from a generator of its own:
+    drawn from the global torch RNG, the draw would shift the stream dropout uses, and the steps after a resume
+    would differ from the uninterrupted run's (tests/test_gpu.py runs that end to end)."""
+    spec, _ = shards
+    loader = make_loader(spec, num_workers=2)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    next(iter(loader.epoch_iter(0)))
+    loader.resume(1, samples=8)
+    next(iter(loader.epoch_iter(1)))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -246,7 +246,13 @@ def build_train_loader(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
-    dataloader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    # A private generator for the workers' base seed: a DataLoader iterator otherwise draws it from the global torch
+    # RNG, so creating one at a resume would shift the stream that dropout draws from, and the resumed steps would
+    # differ from the uninterrupted run's (the pipeline's own seeds are integers: see pipeline.py).
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    dataloader = DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=generator, **extra
+    )
     return TrainLoader(
         dataset,
         dataloader,
