@@ -180,3 +180,41 @@ def test_autocast_context_does_not_change_the_loss(impl):
     grads_ac = torch.autograd.grad(out_ac["loss"], [i, t, ls])
     assert torch.equal(out["loss"], out_ac["loss"])
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ac, strict=True))
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked", "top_k"])
+def test_max_logit_scale_is_the_clamp(impl):
+    """``max_logit_scale`` (the model's) is the clamp: above it the loss is the loss at the bound, the reported
+    scale is the bound and the scale gets no gradient; below it nothing changes."""
+    img, txt = gaussian_inputs(12, seed=5)
+    kw = {"rank_weight": 1.0, "top_k": 4} if impl == "top_k" else {"rank_weight": 1.0}
+    chunk = None if impl == "naive" else 5
+    out, grads = run(img, txt, torch.tensor(math.log(20.0)), impl=impl, chunk_size=chunk, max_logit_scale=14.3, **kw)
+    ref, ref_grads = reference(img, txt, torch.tensor(math.log(14.3)), **kw)
+    check(out, grads[:2] + (ref_grads[2] * 0,), ref, ref_grads[:2] + (ref_grads[2] * 0,))
+    assert float(grads[2]) == 0.0
+    assert float(out["scale"]) == pytest.approx(14.3, rel=1e-6)
+    out, grads = run(img, txt, torch.tensor(math.log(10.0)), impl=impl, chunk_size=chunk, max_logit_scale=14.3, **kw)
+    ref, ref_grads = reference(img, txt, torch.tensor(math.log(10.0)), **kw)
+    check(out, grads, ref, ref_grads)
+    assert float(grads[2]) != 0.0
+
+
+@pytest.mark.parametrize("scale, max_scale", [(14.3, 100.0), (100.0, 100.0), (350.0, 400.0)])
+def test_listmle_kernel_is_chosen_from_the_configured_bound(scale, max_scale):
+    """The float64 linear-space kernel is exact while 2 s <= 600; the choice follows ``max_logit_scale`` (a python
+    number) so that the scale itself is never read back; above 300 the log-space kernel is used."""
+    from rankclip_ds.losses.chunked import linear_space_ok
+
+    assert linear_space_ok(max_scale) == (max_scale <= 300.0)
+    img, txt = grid_inputs(40, seed=9)
+    kw = {"rank_weight": 2.0, "max_logit_scale": max_scale}
+    ref, ref_grads = reference(img, txt, torch.tensor(math.log(scale)), rank_weight=2.0, max_logit_scale=max_scale)
+    out, grads = run(img, txt, torch.tensor(math.log(scale)), impl="chunked", chunk_size=7, **kw)
+    check(out, grads, ref, ref_grads)
+
+
+def test_a_bad_max_logit_scale_is_named():
+    img, txt = gaussian_inputs(4)
+    with pytest.raises(ValueError, match=r"max_logit_scale must be a positive python float .* got 0"):
+        rankclip_loss(img.float(), txt.float(), torch.tensor(1.0), rank_weight=1.0, max_logit_scale=0)

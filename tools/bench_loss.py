@@ -19,6 +19,16 @@ chunk's products in the forward gather, the last chunk's gradient products in th
 ring (the same work, done before each hop is posted, then the wait) and the all-gather exchange; ``wait s`` is the
 exposed communication time: seconds the host spent blocked in ``Work.wait()`` of the exchange (the maximum over
 ranks), measured by ``rankclip_ds.losses.exchange.WaitClock``.
+
+On a GPU (``--device cuda``) the same configurations run on the device: times are taken between
+``torch.cuda.synchronize()`` calls (the median of ``--repeat`` runs after a warm-up), memory is the allocator's peak
+above what was allocated before the loss (``torch.cuda.max_memory_allocated``).  ``--fit-fraction F`` then finds the
+largest global N whose loss fits in F x the device's memory on one rank that holds ``--fit-rows`` rows of a job of
+N / rows ranks (the other ranks simulated by PyTorch's fake process group: every buffer of the real loss is
+allocated at its real size, no data travels), predicted by the memory model and then run for real:
+
+    python tools/bench_loss.py --device cuda --n 65536 --d 512 --impls chunked floor --chunk-size 8 128 512 \
+        --repeat 3 --fit-fraction 0.8 --json loss_gpu.json
 """
 
 from __future__ import annotations
@@ -89,7 +99,14 @@ def _inputs(n, d, seed=0):
 RING_BLOCKING = "ring-blocking"  # the ring with the work done before each hop is posted (overlap=False)
 
 
-def _run_loss(rec, img, txt, group=None):
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_loss(rec, img, txt, group=None, block_sizes=None):
     """Time forward + backward of one configuration; returns (seconds, loss value, seconds blocked in ring waits)."""
     import torch
 
@@ -100,11 +117,13 @@ def _run_loss(rec, img, txt, group=None):
 
     img = img.clone().requires_grad_()
     txt = txt.clone().requires_grad_()
-    log_s = torch.tensor(2.6592, requires_grad=True)  # ln(1/0.07)
+    log_s = torch.tensor(2.6592, device=img.device, requires_grad=True)  # ln(1/0.07)
     clock = WaitClock()
+    _sync(img.device)
     t0 = time.perf_counter()
     if rec["impl"] == "floor":
         _floor(img.detach(), txt.detach(), rec["chunk_size"] or img.shape[0])
+        _sync(img.device)
         return time.perf_counter() - t0, float("nan"), float("nan")
     if rec["impl"] in ("chunked-recompute", "chunked"):
         # the library's chunked path (what rankclip_loss runs), with the benchmark's knobs: the blocking ring and
@@ -113,7 +132,7 @@ def _run_loss(rec, img, txt, group=None):
         out = chunked_rankclip_terms(
             i, t, ls, rank_weight=2.0, lambda_cross=1.0, lambda_in=1.0,
             comm="ring" if rec["comm"] == RING_BLOCKING else rec["comm"], chunk_size=rec["chunk_size"],
-            position_weighting=None, group=group,
+            position_weighting=None, group=group, block_sizes=block_sizes,
             backward="recompute" if rec["impl"] == "chunked-recompute" else "fused",
             overlap=rec["comm"] != RING_BLOCKING, clock=clock,
         )  # fmt: skip
@@ -124,6 +143,7 @@ def _run_loss(rec, img, txt, group=None):
             group=group, **kw,
         )  # fmt: skip
     out["loss"].backward()
+    _sync(img.device)
     return time.perf_counter() - t0, float(out["loss"].detach()), clock.seconds
 
 
@@ -132,7 +152,7 @@ def _floor(img, txt, chunk):
     import torch
     import torch.nn.functional as F
 
-    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
     k_all = torch.cat([txt, img], 0)  # (2N, D)
     b = img.shape[0]
     for i0 in range(0, b, chunk):
@@ -141,10 +161,68 @@ def _floor(img, txt, chunk):
         torch.argsort(m, dim=-1, descending=True, stable=True)
 
 
+def _device_worker(rec):
+    """One configuration on a CUDA device: warm up, ``repeat`` timed runs (the median), the allocator's peak."""
+    import statistics
+
+    import torch
+
+    device = torch.device(rec["device"])
+    torch.cuda.set_device(device)
+    warm = dict(rec, chunk_size=min(rec["chunk_size"] or 64, 64))
+    _run_loss(warm, *(x.to(device) for x in _inputs(256, rec["D"])))  # loads the kernels and the allocator
+    img, txt = (x.to(device) for x in _inputs(rec["N"], rec["D"]))
+    runs = [_run_loss(rec, img, txt) for _ in range(max(1, rec["repeat"]))]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    _, value, _ = _run_loss(rec, img, txt)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    return {"seconds": statistics.median(r[0] for r in runs), "peak_bytes": peak, "loss": value,
+            "device_name": torch.cuda.get_device_name(device)}  # fmt: skip
+
+
+def _fit_worker(rec):
+    """One rank of a job of ``N / rows`` ranks, the others simulated by the fake process group: the loss's real
+    buffers at their real sizes (``K_all``, its gradient, the chunk workspace), forward + backward; returns the
+    peak, or ``{"oom": ...}``."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    device = torch.device(rec["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    world, rows = rec["P"], rec["N"] // rec["P"]
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        img, txt = (x.to(device) for x in _inputs(rows, rec["D"]))
+
+        def run():
+            return _run_loss(rec, img, txt, group=dist.group.WORLD, block_sizes=[rows] * world)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            seconds = run()[0]
+            peak = torch.cuda.max_memory_allocated(device) - base
+        else:  # the profiler's allocation records, as for the CPU rows
+            seconds, peak, _ = _profiled_peak(run)
+    except torch.OutOfMemoryError as exc:
+        return {"oom": str(exc).splitlines()[0]}
+    finally:
+        dist.destroy_process_group()
+    return {"seconds": seconds, "peak_bytes": peak}
+
+
 def _worker(rec):
     """One configuration in this (fresh) process: warm up on a tiny batch, then ``repeat`` timed runs."""
     import torch
 
+    if rec.get("fit"):
+        return _fit_worker(rec)
+    if rec.get("device", "cpu") != "cpu":
+        return _device_worker(rec)
     torch.set_num_threads(rec["threads"])
     _run_loss(dict(rec, chunk_size=min(rec["chunk_size"] or 64, 64)), *_inputs(64, rec["D"]))  # load kernels
     img, txt = _inputs(rec["N"], rec["D"])
@@ -271,7 +349,18 @@ def main(argv=None) -> int:
     parser.add_argument("--d", type=int, default=256, help="embedding dim D")
     parser.add_argument("--impls", nargs="+", default=["naive", "chunked", "floor"],
                         help="naive, chunked, chunked-recompute, top_k, floor")  # fmt: skip
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: library default)")
+    parser.add_argument("--chunk-size", type=int, nargs="+", default=[None],
+                        help="rows per chunk; several: one row per value (default: the library's default)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:i]: run the configurations on that device")
+    parser.add_argument(
+        "--fit-fraction",
+        type=float,
+        default=None,
+        help="also find the largest N whose loss fits in this fraction of the device's memory",
+    )
+    parser.add_argument("--fit-rows", type=int, default=64, help="rows of the one rank measured by --fit-fraction")
+    parser.add_argument("--fit-memory-gib", type=float, default=None,
+                        help="device memory for --fit-fraction (default: the CUDA device's total)")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument(
@@ -297,7 +386,7 @@ def main(argv=None) -> int:
         return 0
     if args.worker:
         rec = json.loads(args.worker)
-        print(json.dumps(_dist_worker(rec) if rec["P"] > 1 else _worker(rec)))
+        print(json.dumps(_dist_worker(rec) if rec["P"] > 1 and not rec.get("fit") else _worker(rec)))
         return 0
 
     from rankclip_ds.losses import default_chunk_size, memory_model
@@ -306,27 +395,28 @@ def main(argv=None) -> int:
     plan = []
     for n in args.n:
         if args.distributed:
-            for comm in args.comms:
-                plan.append(("chunked", comm, n, args.distributed))
+            plan.extend(("chunked", comm, n, args.distributed, c) for comm in args.comms for c in args.chunk_size)
         else:
-            plan.extend((impl, "ring", n, 1) for impl in args.impls)
+            for impl in args.impls:
+                plan.extend((impl, "ring", n, 1, c) for c in (args.chunk_size if impl != "naive" else [None]))
     header = (
         f"{'impl':<18}{'comm':<15}{'N':>7}{'P':>3}{'D':>5}{'c':>6}{'seconds':>10}{'cpu s':>9}{'peak MiB':>10}"
         f"{'pred MiB':>10}{'wait s':>8}"
     )
-    print(f"threads per process: {args.threads}")
+    print(f"device: {args.device}, threads per process: {args.threads}")
     print(header)
     print("-" * len(header))
-    for impl, comm, n, world in plan:
+    for impl, comm, n, world, chunk_arg in plan:
         b = n // world
-        chunk = args.chunk_size or (default_chunk_size(n, b) if impl != "naive" else None)
+        chunk = chunk_arg or (default_chunk_size(n, b) if impl != "naive" else None)
         model_impl = {"chunked-recompute": "chunked", "floor": "chunked"}.get(impl, impl)
         top_k = args.top_k if impl == "top_k" else None
         predicted = (
             None if impl == "floor" else memory_model(n, world, args.d, chunk or b, top_k=top_k, impl=model_impl)
         )
         rec = {"impl": impl, "comm": comm, "N": n, "P": world, "D": args.d, "chunk_size": chunk, "top_k": top_k,
-               "threads": args.threads, "repeat": args.repeat, "predicted_bytes": predicted}  # fmt: skip
+               "threads": args.threads, "repeat": args.repeat, "predicted_bytes": predicted,
+               "device": args.device}  # fmt: skip
         if impl == "naive" and predicted > args.mem_limit_gib * GIB:
             rec.update(seconds=None, peak_bytes=None, note=f"does not fit (predicted {predicted / GIB:.1f} GiB)")
         else:
@@ -334,19 +424,90 @@ def main(argv=None) -> int:
         records.append(rec)
         if rec.get("seconds") is None:
             status = rec.get("note") or rec.get("error")
-            print(f"{impl:<18}{comm:<15}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}  {status}")
+            print(f"{impl:<18}{comm:<15}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}  {status}", flush=True)
         else:
             print(
                 f"{impl:<18}{comm:<15}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}{rec['seconds']:>10.2f}"
-                f"{rec.get('cpu_seconds', float('nan')):>9.2f}{rec['peak_bytes'] / 2**20:>10.0f}"
-                f"{predicted / 2**20 if predicted else float('nan'):>10.0f}"
-                f"{rec.get('wait_seconds', float('nan')):>8.3f}",
+                f"{rec.get('cpu_seconds', float('nan')):>9.2f}{_mib(rec['peak_bytes']):>10.0f}"
+                f"{_mib(predicted):>10.0f}{rec.get('wait_seconds', float('nan')):>8.3f}",
                 flush=True,
             )
+    result: dict = {"records": records}
+    if args.fit_fraction:
+        result["fit"] = _fit(args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+            json.dump(result if args.fit_fraction else records, f, indent=1)
     return 0
+
+
+def _mib(value) -> float:
+    return float("nan") if value is None else value / 2**20
+
+
+def _largest_n(predict, budget: float, step: int) -> int:
+    """The largest multiple of ``step`` whose ``predict(n)`` is within ``budget`` (0 if none): predictions grow
+    with n."""
+    if predict(step) > budget:
+        return 0
+    lo, hi = 1, 2
+    while predict(hi * step) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if predict(mid * step) <= budget else (lo, mid)
+    return lo * step
+
+
+def _fit(args) -> dict:
+    """The largest global N whose loss fits in ``--fit-fraction`` of the device's memory, on one rank holding
+    ``--fit-rows`` rows (the memory model's answer, then a real run; 10 % less after an out-of-memory), and the
+    memory model's answer for a single device holding all N rows."""
+    from rankclip_ds.losses import default_chunk_size, memory_model
+
+    if args.fit_memory_gib is not None:
+        total = args.fit_memory_gib * GIB
+    else:
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+    budget, rows, d = args.fit_fraction * total, args.fit_rows, args.d
+
+    def per_rank(n: int) -> int:
+        return memory_model(n, n // rows, d, default_chunk_size(n, rows))
+
+    def single(n: int) -> int:
+        return memory_model(n, 1, d, default_chunk_size(n, n))
+
+    n = _largest_n(per_rank, budget, rows)
+    out = {"budget_bytes": budget, "device_bytes": total, "rows_per_rank": rows, "D": d,
+           "single_device_n": _largest_n(single, budget, 1024), "tries": []}  # fmt: skip
+    print(f"\nlargest N within {args.fit_fraction:.0%} of {total / GIB:.3g} GiB (D = {d}):")
+    print(f"  one device holding all N rows (memory model): N = {out['single_device_n']}")
+    for _ in range(4):
+        if n < rows:
+            break
+        rec = {"impl": "chunked", "comm": "ring", "N": n, "P": n // rows, "D": d, "chunk_size": None,
+               "top_k": None, "threads": args.threads, "repeat": 1, "device": args.device, "fit": True}  # fmt: skip
+        got = _launch(rec, args.timeout)
+        got.update(N=n, P=n // rows, predicted_bytes=per_rank(n))
+        out["tries"].append(got)
+        failed = got.get("oom") or got.get("error")
+        if not failed and got["peak_bytes"] <= budget:
+            out.update(fit_n=n, peak_bytes=got["peak_bytes"], predicted_bytes=got["predicted_bytes"])
+            print(
+                f"  one rank of {n // rows} holding {rows} rows: N = {n}, peak {_mib(got['peak_bytes']):.0f} MiB "
+                f"(predicted {_mib(got['predicted_bytes']):.0f} MiB), forward + backward {got['seconds']:.2f} s"
+            )
+            return out
+        if failed:
+            print(f"  N = {n}: {failed}; trying 10 % less")
+            n = int(n * 0.9) // rows * rows
+        else:  # ran, but above the budget: shrink by the measured excess
+            print(f"  N = {n}: peak {_mib(got['peak_bytes']):.0f} MiB exceeds the budget; trying less")
+            n = int(n * budget / got["peak_bytes"] * 0.995) // rows * rows
+    out["fit_n"] = None
+    return out
 
 
 if __name__ == "__main__":
