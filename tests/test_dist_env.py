@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_slurm_scripts import GPU_JOB_ENV
 
 from conftest import REPO_ROOT, clean_launcher_env, free_port
 from rankclip_ds.dist import (
@@ -403,13 +404,7 @@ def test_the_trainer_passes_its_run_folder(tmp_path, monkeypatch):
 
 
 SLURM_GPU_JOB = {
-    "SLURM_JOB_ID": "123456",
-    "SLURM_JOB_NAME": "rankclip",
-    "SLURM_SUBMIT_DIR": REPO_ROOT,
-    "SLURM_JOB_NUM_NODES": "2",
-    "SLURM_JOB_NODELIST": "gpu[007-008]",
-    "SLURM_TASKS_PER_NODE": "4(x2)",
-    "SLURM_GPUS_ON_NODE": "4",
+    **GPU_JOB_ENV,  # a 2-node job with 4 GPUs a node, as the Slurm script tests use
     "MASTER_ADDR": "gpu007",  # no scontrol needed
     "PYTHON": "python3",
 }
