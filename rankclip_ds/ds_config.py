@@ -16,7 +16,13 @@ from typing import Any
 
 from .config import Config, ConfigError, resolve_batch
 
-__all__ = ["BATCH_FIELDS", "build_deepspeed_config", "load_deepspeed_json", "validate_with_deepspeed"]
+__all__ = [
+    "BATCH_FIELDS",
+    "build_deepspeed_config",
+    "load_deepspeed_json",
+    "optimizer_offloaded",
+    "validate_with_deepspeed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,11 @@ def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--deepspeed {str(path)!r}: the top level must be a JSON object")
     return data
+
+
+def optimizer_offloaded(ds: dict[str, Any]) -> bool:
+    """Whether the DeepSpeed JSON offloads the ZeRO optimizer to the CPU (DeepSpeed then needs its CPU Adam)."""
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
 
 
 def _is_auto(value: Any) -> bool:

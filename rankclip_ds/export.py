@@ -52,10 +52,12 @@ def save_export(state_dict: dict[str, torch.Tensor], cfg: Config, out_dir: str |
 
 def architecture_config(cfg: Config) -> Config:
     """``cfg`` with weight loading switched off (no image weights file, text tower built from its config): for
-    rebuilding a model whose every tensor comes from elsewhere."""
+    rebuilding a model whose every tensor comes from elsewhere. ``model.compile`` is switched off too: it is a
+    training speed setting, not architecture (a loaded or evaluated copy would otherwise compile on first use)."""
     data = config_to_dict(cfg)
     data["model"]["image"]["weights"] = None
     data["model"]["text"]["pretrained"] = False
+    data["model"]["compile"] = False
     return config_from_dict(data)
 
 

@@ -39,6 +39,7 @@ class RunPlan:
     loss_local_rows: int
     loss_memory_bytes: int | None
     loss_memory_note: str
+    flops_per_sample: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def format(self, cfg: Config) -> str:
@@ -55,6 +56,12 @@ class RunPlan:
             f"  projections       {pc['projections'] / 1e6:.3f} M parameters (embed dim {cfg.model.embed_dim})",
             f"  total             {pc['total'] / 1e6:.2f} M parameters",
         ]
+        if self.flops_per_sample is not None:
+            lines.append(
+                f"  model FLOPs       {self.flops_per_sample / 1e9:.2f} GFLOP per sample (forward + backward of the "
+                f"towers and projections at {cfg.model.image.image_size} px, {cfg.model.text.max_length} tokens)"
+            )
+        lines.append(f"  GPU speed         {_speed_settings(cfg)}")
         if cfg.loss.ranking:
             loss = (
                 f"RankCLIP ({cfg.loss.impl}, comm {cfg.loss.comm}, λ_cross {cfg.loss.lambda_cross}, "
@@ -78,6 +85,18 @@ class RunPlan:
         lines.append("DeepSpeed config (resolved):")
         lines.append(json.dumps(self.deepspeed, indent=2, sort_keys=True))
         return "\n".join(lines)
+
+
+def _speed_settings(cfg: Config) -> str:
+    """The GPU speed switches as a CUDA run applies them (on the CPU, fused AdamW follows optim.fused and the
+    rest is left alone)."""
+    fused = {"auto": "auto (fused on CUDA)", True: "fused", False: "not fused"}[cfg.optim.fused]
+    image_attn = "sdpa" if cfg.model.image.fused_attn else "eager"
+    return (
+        f"AdamW {fused}, model.compile {'on' if cfg.model.compile else 'off'}, attention image {image_attn} / text "
+        f"{cfg.model.text.attn_implementation}, TF32 {'on' if cfg.run.tf32 else 'off'}, pinned memory "
+        f"{'on' if cfg.data.pin_memory else 'off'}"
+    )
 
 
 def _loss_memory(cfg: Config, n: int, world: int, b: int) -> tuple[int | None, str]:
@@ -109,12 +128,19 @@ def build_plan(cfg: Config, ds_json: dict[str, Any], world_size: int, *, source:
     batch = resolve_batch(cfg.optim, world_size)
     ds = build_deepspeed_config(ds_json, cfg, world_size, source=source)
     validate_with_deepspeed(ds, source=source)
+    from .model.flops import train_flops_per_sample
+
     model = build_model(cfg.model, device="meta")
     # The loss's list: the whole global batch with gradient caching, else one micro-batch from every rank.
     n = batch.global_batch_size if cfg.optim.grad_cache else batch.micro_batch_size * world_size
     b = n // world_size
     mem, note = _loss_memory(cfg, n, world_size, b)
     notes = [f"not ready on this machine (training here would refuse to start): {p.message}" for p in problems]
+    try:
+        flops: int | None = train_flops_per_sample(cfg.model)
+    except Exception as exc:  # the count is informative; the plan must still print
+        flops = None
+        notes.append(f"model FLOPs could not be counted ({type(exc).__name__}: {exc}); perf/mfu would not be logged")
     if not cfg.optim.grad_cache and batch.grad_accum_steps > 1 and cfg.loss.ranking:
         notes.append(
             "gradient accumulation without optim.grad_cache: each micro-step's ranking list is only "
@@ -131,5 +157,6 @@ def build_plan(cfg: Config, ds_json: dict[str, Any], world_size: int, *, source:
         loss_local_rows=b,
         loss_memory_bytes=mem,
         loss_memory_note=note,
+        flops_per_sample=flops,
         notes=notes,
     )

@@ -638,6 +638,27 @@ def _check_precision(cfg: Config) -> list[Problem]:
     ]
 
 
+def _check_fused_optimizer(cfg: Config, ds_json: dict[str, Any], source: str) -> list[Problem]:
+    """``optim.fused: true`` asks for torch's fused AdamW, which a ZeRO optimizer offload to the CPU replaces by
+    DeepSpeed's CPU Adam."""
+    from .ds_config import optimizer_offloaded
+
+    if cfg.optim.fused is not True or not optimizer_offloaded(ds_json):
+        return []
+    return [
+        Problem(
+            "optim.fused",
+            _message(
+                "optim.fused",
+                True,
+                f"{source} offloads the optimizer to the CPU (zero_optimization.offload_optimizer.device=cpu), "
+                "where DeepSpeed steps its own CPU Adam, not torch.optim.AdamW",
+                "set optim.fused to auto or false, or drop offload_optimizer from the DeepSpeed JSON",
+            ),
+        )
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ entry points
 def find_problems(cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str) -> list[Problem]:
     """Every problem the pre-flight finds, in config order; empty when the run may start."""
@@ -645,6 +666,7 @@ def find_problems(cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_s
     checks: list[Callable[[], list[Problem]]] = [
         lambda: _check_deepspeed(cfg, ds_json, world_size, plan, ds_source),
         lambda: _check_precision(cfg),
+        lambda: _check_fused_optimizer(cfg, ds_json, ds_source),
         lambda: _check_image_tower(cfg),
         lambda: _check_text_tower(cfg),
         lambda: _check_train_data(cfg, plan),

@@ -218,6 +218,28 @@ MISTAKES = [
         ("--eval.zeroshot_data", ZEROSHOT_SHARDS, "--eval.templates", "{tmp}/templates.txt"),
         ("eval.templates='{tmp}/templates.txt'", "neither 'openai'", "a photo of"),
     ),
+    # --- the GPU speed switches
+    Mistake(
+        "fused AdamW with the optimizer offloaded to the CPU",
+        ("--optim.fused", "true"),
+        ("optim.fused=True", "offloads the optimizer to the CPU", "set optim.fused to auto or false"),
+        ds={"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+    ),
+    Mistake(
+        "optim.fused neither auto nor a boolean",
+        ("--optim.fused", "fast"),
+        ("optim.fused='fast'", "is not one of ['auto', True, False]"),
+    ),
+    Mistake(
+        "text attention implementation that is not offered",
+        ("--model.text.attn_implementation", "flash_attention_2"),
+        ("model.text.attn_implementation='flash_attention_2'", "is not one of ['sdpa', 'eager']"),
+    ),
+    Mistake(
+        "peak TFLOP/s that is not positive",
+        ("--logging.peak_tflops", "0"),
+        ("logging.peak_tflops=0.0", "must be > 0", "positive"),
+    ),
     # --- the run folder and the checkpoint
     Mistake(
         "resume from an unfinished checkpoint",

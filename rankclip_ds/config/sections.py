@@ -58,6 +58,11 @@ class RunConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision. ``bf16`` is the safe default on GPUs that have it; ``fp16`` uses DeepSpeed's dynamic
     loss scaling. The loss always computes in float32 internally."""
+    tf32: bool = True
+    """On a CUDA device (Ampere and later), let float32 matrix multiplications (cuBLAS) and cuDNN convolutions use
+    TensorFloat-32 tensor cores: set at start-up with ``torch.set_float32_matmul_precision("high")`` and
+    ``torch.backends.cudnn.allow_tf32``; ``false`` sets both to full float32. Matters for fp32 training and for
+    the float32 parts of bf16/fp16 runs (the loss). On the CPU nothing is changed."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -81,6 +86,11 @@ class ImageTowerConfig:
     """Stochastic depth rate, for models that support it."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``timm.create_model`` (e.g. ``{patch_size: 8, depth: 4}``)."""
+    fused_attn: bool = True
+    """timm's fused attention: attention blocks call ``F.scaled_dot_product_attention`` (flash / memory-efficient
+    kernels on GPUs) instead of an explicit softmax(QKᵀ)V. Applied when the tower is built, whatever the
+    ``TIMM_FUSED_ATTN`` environment variable says; blocks timm marks experimental (Swin, XCiT, Visformer) stay
+    eager. ``false``: the eager reference path (attention maps, numerics debugging)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -108,6 +118,11 @@ class TextTowerConfig:
     """How token states become one vector: first token, attention-masked mean, or last real token."""
     max_length: int = 32
     """Tokenizer max length (padding and truncation)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Hugging Face attention implementation, passed to ``from_pretrained`` / ``from_config``: ``sdpa`` calls
+    ``F.scaled_dot_product_attention`` (fused kernels on GPUs; with padding masks the memory-efficient kernel),
+    ``eager`` the explicit softmax(QKᵀ)V reference. (FlashAttention-2 would need the ``flash-attn`` package, which
+    is not a dependency.)"""
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -141,6 +156,10 @@ class ModelConfig:
     """The scale ``exp(logit_scale)`` is clamped to at most this value."""
     grad_checkpointing: bool = False
     """Activation checkpointing in both towers (saves memory, costs one extra forward)."""
+    compile: bool = False
+    """``torch.compile`` each tower in place (``nn.Module.compile``; the projections, logit scale and loss stay
+    eager). Parameter names are unchanged, so checkpoints, the export and ``load_model`` are unaffected. Off by
+    default: the first steps (and the first evaluation) wait for compilation, minutes for ViT-B-size towers."""
 
     def __post_init__(self) -> None:
         _check_positive("model", "embed_dim", self.embed_dim)
@@ -176,6 +195,9 @@ class DataConfig:
     """Random-resized-crop area range for training images."""
     hflip: bool = False
     """Random horizontal flips (off by default: captions may name left and right)."""
+    pin_memory: bool = True
+    """On a CUDA device, the loader hands over batches in pinned (page-locked) host memory, so the trainer's
+    non-blocking host-to-device copies overlap with compute. Ignored on the CPU (nothing to pin for)."""
 
     def __post_init__(self) -> None:
         if not self.train_data:
@@ -273,6 +295,11 @@ class OptimConfig:
     """Decoupled weight decay, never applied to biases, norms or the logit scale."""
     grad_clip: float | None = 1.0
     """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); ``None`` disables."""
+    fused: Literal["auto", True, False] = "auto"
+    """``torch.optim.AdamW(fused=True)``: one fused kernel for the whole update. ``auto``: fused on CUDA devices,
+    PyTorch's default (for-each) elsewhere. ``true``: fused on any device PyTorch has the kernel for (CUDA, and the
+    CPU since PyTorch 2.4). ``false``: never. With ZeRO optimizer offload to the CPU, DeepSpeed's CPU Adam is
+    used and ``true`` is an error."""
 
     def __post_init__(self) -> None:
         _check_positive("optim", "micro_batch_size", self.micro_batch_size, allow_none=True)
@@ -293,6 +320,9 @@ class OptimConfig:
         if self.weight_decay < 0:
             _fail("optim.weight_decay", self.weight_decay, "must be >= 0", "use 0 to disable weight decay")
         _check_positive("optim", "grad_clip", self.grad_clip, allow_none=True)
+        # The Literal check lets 1 and 0 through (they compare equal to True and False).
+        if not (self.fused == "auto" or isinstance(self.fused, bool)):
+            _fail("optim.fused", self.fused, "must be auto, true or false", "write optim.fused: auto")
 
 
 @dataclass
@@ -375,9 +405,15 @@ class LoggingConfig:
     """Append the keys of the samples each rank trained on to ``<run>/sample_keys/rankNNNNN.jsonl``, one line per
     optimizer step (``{"step", "keys"}``): an audit trail of the data order across resumes (a step redone after a
     crash appears twice; the later line is the one that counted)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device at the training precision, for ``perf/mfu`` (model FLOP utilisation).
+    ``None``: looked up by ``torch.cuda.get_device_name()`` in a table of known GPUs (bf16/fp16, TF32 or fp32
+    peak, by ``run.precision`` and ``run.tf32``); on the CPU, or on a GPU the table does not know, MFU is then not
+    logged."""
 
     def __post_init__(self) -> None:
         _check_positive("logging", "log_every", self.log_every)
+        _check_positive("logging", "peak_tflops", self.peak_tflops, allow_none=True)
 
 
 @dataclass

@@ -27,7 +27,8 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> Dual
     """Build the dual encoder described by ``cfg`` on ``device``.
 
     On ``device="meta"`` nothing is allocated or loaded (parameter shapes only: the dry run of large recipes);
-    pretrained weights are then skipped.
+    pretrained weights are then skipped. With ``cfg.compile`` the towers are compiled in place
+    (:meth:`DualEncoder.compile_towers`); compilation itself happens at the first forward.
     """
     on_meta = torch.device(device).type == "meta"
     with torch.device(device):
@@ -37,12 +38,14 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> Dual
             weights=None if on_meta else cfg.image.weights,
             drop_path_rate=cfg.image.drop_path_rate,
             model_kwargs=cfg.image.model_kwargs,
+            fused_attn=cfg.image.fused_attn,
         )
         text = TextTower(
             cfg.text.name_or_path,
             pretrained=cfg.text.pretrained and not on_meta,
             overrides=cfg.text.overrides,
             pooling=cfg.text.pooling,
+            attn_implementation=cfg.text.attn_implementation,
         )
         model = DualEncoder(
             image,
@@ -53,4 +56,6 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> Dual
         )
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.compile:
+        model.compile_towers()
     return model

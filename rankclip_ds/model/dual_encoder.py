@@ -51,6 +51,14 @@ class DualEncoder(nn.Module):
         self.image_tower.set_grad_checkpointing(enable)
         self.text_tower.set_grad_checkpointing(enable)
 
+    def compile_towers(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` each tower in place (``nn.Module.compile``): the module keeps its class, parameters
+        and names, so ``state_dict`` keys gain no ``_orig_mod.`` prefix and checkpoints, DeepSpeed's ZeRO
+        partitioning and the export see the same model. The projections, the logit scale and the loss stay eager.
+        Compilation happens at the first forward (and again for a new mode or shape: eval, no-grad passes)."""
+        self.image_tower.compile(**compile_kwargs)
+        self.text_tower.compile(**compile_kwargs)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_proj(self.image_tower(images))  # (B, embed_dim)
 

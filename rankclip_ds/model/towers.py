@@ -74,6 +74,22 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
+def _timm_fused_attn(enable: bool):
+    """timm's attention blocks read its process-wide fused-attention setting when they are built (``fused_attn =
+    use_fused_attn()``), initialised from the ``TIMM_FUSED_ATTN`` environment variable. Set it for one model
+    build through timm's public ``set_fused_attn`` and put the previous value back afterwards."""
+    from timm.layers import config as timm_layer_config
+    from timm.layers import set_fused_attn
+
+    previous = timm_layer_config._USE_FUSED_ATTN
+    set_fused_attn(enable)  # 1 (on for blocks timm calls tested) or 0; experimental blocks need 2 and stay eager
+    try:
+        yield
+    finally:
+        timm_layer_config._USE_FUSED_ATTN = previous
+
+
+@contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' per-load report and progress bar (the expected unused pooler weights would be
     printed on every rank); errors still surface as exceptions."""
@@ -100,6 +116,7 @@ class ImageTower(nn.Module):
         weights: str | None = None,
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
+        fused_attn: bool = True,
     ) -> None:
         super().__init__()
         import timm
@@ -113,13 +130,14 @@ class ImageTower(nn.Module):
         kwargs = dict(model_kwargs or {})
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        try:
-            self.trunk = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
-        except TypeError as exc:
-            if "img_size" not in str(exc):
-                raise ModelConfigError(f"model.image.model_kwargs={kwargs!r} rejected by timm: {exc}") from exc
-            # Convolutional nets take any input size and have no img_size argument.
-            self.trunk = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        with _timm_fused_attn(fused_attn):
+            try:
+                self.trunk = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
+            except TypeError as exc:
+                if "img_size" not in str(exc):
+                    raise ModelConfigError(f"model.image.model_kwargs={kwargs!r} rejected by timm: {exc}") from exc
+                # Convolutional nets take any input size and have no img_size argument.
+                self.trunk = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         self.name = name
         self.image_size = image_size
         self.num_features = int(self.trunk.num_features)
@@ -167,6 +185,7 @@ class TextTower(nn.Module):
         pretrained: bool = True,
         overrides: dict[str, Any] | None = None,
         pooling: str = "mean",
+        attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
@@ -180,14 +199,24 @@ class TextTower(nn.Module):
                     f"(e.g. hidden_size, num_hidden_layers, num_attention_heads, intermediate_size)"
                 )
             setattr(config, key, value)
+        # An encoder never uses a key/value cache; left on, transformers warns about it once per forward with
+        # activation checkpointing, and that warning breaks a compiled text tower's graph.
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
         if pretrained:
             with _quiet_transformers():
                 self.encoder = AutoModel.from_pretrained(
-                    path, config=config, local_files_only=True, add_pooling_layer=False
+                    path,
+                    config=config,
+                    local_files_only=True,
+                    add_pooling_layer=False,
+                    attn_implementation=attn_implementation,
                 )
             log.info("text tower: loaded pretrained weights from %s", path)
         else:
-            self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
+            self.encoder = AutoModel.from_config(
+                config, add_pooling_layer=False, attn_implementation=attn_implementation
+            )
         if pooling not in ("cls", "mean", "eos"):
             raise ModelConfigError(f"model.text.pooling={pooling!r}: choose cls, mean or eos")
         self.pooling = pooling

@@ -24,9 +24,12 @@ def format_duration(seconds: float) -> str:
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """Peak memory in GiB: CUDA allocator peak on GPUs, process peak RSS (plus current RSS) on the CPU."""
+    """Memory in GiB. On GPUs, from PyTorch's caching allocator: ``cuda_allocated_gib`` held by tensors now,
+    ``cuda_peak_gib`` the most ever held by tensors (since start-up), ``cuda_reserved_gib`` held by the allocator
+    now (tensors + its cache: what other processes cannot have). On the CPU: process peak RSS and current RSS."""
     if device.type == "cuda":
         return {
+            "memory/cuda_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
             "memory/cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "memory/cuda_reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
         }

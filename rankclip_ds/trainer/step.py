@@ -87,10 +87,15 @@ class StepRunner:
         return seconds
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images = batch["image"].to(self.device, non_blocking=True)
+        # Non-blocking: from pinned host memory (data.pin_memory) the copies run on the stream without stalling
+        # the host; kernels queued after them on that stream wait for them. From pageable memory they are plain
+        # synchronous copies, and on the CPU no-ops.
+        images, ids, mask = (
+            batch[k].to(self.device, non_blocking=True) for k in ("image", "input_ids", "attention_mask")
+        )
         if images.is_floating_point():
             images = images.to(self.dtype)
-        return images, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        return images, ids, mask
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

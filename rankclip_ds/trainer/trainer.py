@@ -20,17 +20,19 @@ import torch.distributed as dist
 
 from ..config import Config, config_to_dict, resolve_batch, save_config
 from ..dist import DistInfo, init_distributed
-from ..ds_config import build_deepspeed_config, validate_with_deepspeed
+from ..ds_config import build_deepspeed_config, optimizer_offloaded, validate_with_deepspeed
 from ..export import save_export
 from ..losses import official_rank_weight, step_rank_weight
 from ..model import DualEncoder, build_model, build_tokenizer
 from .checkpoint import CheckpointManager, LoadTarget
 from .logit_scale import clamp_logit_scale
 from .metrics import MetricsWriter, StepTimer, format_duration, memory_stats
-from .optim import build_lr_lambda, build_optimizer
+from .mfu import build_mfu_meter
+from .optim import build_lr_lambda, build_optimizer, place_optimizer_steps
 from .resume import agree_resume, batches_consumed
 from .signals import REQUEUE_EXIT_CODE, StopRequest
 from .step import StepRunner
+from .tf32 import set_tf32
 from .watchdog import CollectiveTracker, Heartbeat
 
 __all__ = ["Trainer"]
@@ -89,6 +91,7 @@ class Trainer:
         )
         self.group = dist.group.WORLD if info.distributed else None
         self.device = torch.device(info.device)
+        set_tf32(self.device, cfg.run.tf32)  # CUDA only; the CPU's settings are left alone
         # Found and checked before any heavy work, by rank 0 for everyone; a checkpoint of another world size or
         # ZeRO stage is loaded through DeepSpeed's universal form, which the engine must know about when built.
         self.resume_target = agree_resume(
@@ -145,15 +148,17 @@ class Trainer:
             self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
-        offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
         optimizer = build_optimizer(
             model,
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
             weight_decay=cfg.optim.weight_decay,
-            cpu_offload=offload,
+            cpu_offload=optimizer_offloaded(ds),
+            fused=cfg.optim.fused,
+            device=self.device,  # where DeepSpeed keeps the fp32 master partitions the optimizer steps
         )
+        self.base_optimizer = optimizer  # the torch optimizer inside DeepSpeed's wrapper
         # Handed to deepspeed.initialize, so it is stepped at accumulation boundaries and saved/restored with the
         # engine under every ZeRO stage (a scheduler kept outside is not restored under ZeRO-3).
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -169,6 +174,8 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision, torch.float32)
 
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard)
+        # Model FLOPs per sample, counted once on fake tensors (every rank: the same cheap, deterministic work).
+        self.mfu = build_mfu_meter(cfg, self.device, info.world_size)
         self.step = 0
         self.last_saved_step = -1
         self.pos = DataPosition()
@@ -189,6 +196,7 @@ class Trainer:
         if self.resume_target is not None:
             with self.tracker.guard("checkpoint load"):
                 self._resume(self.resume_target)
+        self.metrics.scalars(self.step, self.mfu.startup_scalars())
         self._log_plan()
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -221,6 +229,8 @@ class Trainer:
             shuffle_buffer=self.cfg.data.shuffle_buffer,
             max_text_len=self.cfg.model.text.max_length,
             caption_key=self.cfg.data.caption_key,
+            # Pinned batches make the step's non-blocking copies asynchronous; only a CUDA device can use them.
+            pin_memory=self.cfg.data.pin_memory and self.device.type == "cuda",
         )
 
     def _log_plan(self) -> None:
@@ -239,6 +249,22 @@ class Trainer:
             n,
             counts["total"],
         )
+        c = self.cfg
+        log.info(
+            "speed settings: AdamW %s, model.compile %s, attention image %s / text %s, run.tf32 %s, pin_memory %s",
+            "fused" if self.base_optimizer.defaults.get("fused") else type(self.base_optimizer).__name__,
+            c.model.compile,
+            "sdpa" if c.model.image.fused_attn else "eager",
+            c.model.text.attn_implementation,
+            c.run.tf32 and self.device.type == "cuda",
+            c.data.pin_memory and self.device.type == "cuda",
+        )
+        if c.model.compile and self.zero_stage == 3:
+            log.warning(
+                "model.compile under ZeRO-3: DeepSpeed's parameter-gathering hooks on every submodule break the "
+                "compiled towers into per-module pieces (and hit torch._dynamo's recompile limit), so expect little "
+                "speed-up; ZeRO-1/2 compile whole towers (docs/training.md, GPU speed switches)"
+            )
 
     # ------------------------------------------------------------------------------------------------ schedule
     def rank_weight(self, step: int) -> float:
@@ -401,6 +427,7 @@ class Trainer:
         scalars["train/skipped_steps"] = float(getattr(self.engine, "skipped_steps", 0))
         scalars["train/nonfinite_losses"] = float(self.stepper.nonfinite_total)
         scalars.update(timer.summary(self.info.world_size))
+        scalars.update(self.mfu.scalars(scalars.get("perf/samples_per_s", 0.0)))
         if self.cfg.logging.profile_loss and timer.total_s > 0:
             scalars["perf/loss_time_fraction"] = self.stepper.take_loss_seconds() / timer.total_s
         scalars.update(memory_stats(self.device))
@@ -528,6 +555,7 @@ class Trainer:
     def _resume(self, target: LoadTarget) -> None:
         src_world = int(target.meta.get("world_size", self.info.world_size))
         client = self.ckpt.load(self.engine, target, same_world=src_world == self.info.world_size)
+        place_optimizer_steps(self.base_optimizer)  # after a universal load, fused AdamW needs its steps on device
         self.step = int(client["step"])
         self.last_saved_step = self.step
         self.stepper.nonfinite_total = int(client.get("nonfinite_total", 0))
