@@ -17,8 +17,9 @@ predicted peak exceeds ``--mem-limit-gib`` are reported as "does not fit" and no
 Distributed runs compare the overlapped ring (each hop posted before the work on the previous block: the first
 chunk's products in the forward gather, the last chunk's gradient products in the reduce-scatter), the blocking
 ring (the same work, done before each hop is posted, then the wait) and the all-gather exchange; ``wait s`` is the
-exposed communication time: seconds the host spent blocked in ``Work.wait()`` of the exchange (the maximum over
-ranks), measured by ``rankclip_ds.losses.exchange.WaitClock``.
+exposed communication time: seconds the host spent blocked in ``Work.wait()`` of the exchange, for the slowest rank
+(the median over the ``--repeat`` runs), measured by ``rankclip_ds.losses.exchange.WaitClock``; the JSON holds it
+per phase (``gather``: features out, ``reduce_scatter``: gradients back), per rank and per run.
 
 On a GPU (``--device cuda``) the same configurations run on the device: times are taken between
 ``torch.cuda.synchronize()`` calls (the median of ``--repeat`` runs after a warm-up), memory is the allocator's peak
@@ -96,6 +97,7 @@ def _inputs(n, d, seed=0):
     return img, txt
 
 
+WAIT_KEYS = ("wait_seconds", "wait_gather_seconds", "wait_reduce_scatter_seconds")
 RING_BLOCKING = "ring-blocking"  # the ring with the work done before each hop is posted (overlap=False)
 
 
@@ -124,7 +126,7 @@ def _run_loss(rec, img, txt, group=None, block_sizes=None):
     if rec["impl"] == "floor":
         _floor(img.detach(), txt.detach(), rec["chunk_size"] or img.shape[0])
         _sync(img.device)
-        return time.perf_counter() - t0, float("nan"), float("nan")
+        return time.perf_counter() - t0, float("nan"), {}
     if rec["impl"] in ("chunked-recompute", "chunked"):
         # the library's chunked path (what rankclip_loss runs), with the benchmark's knobs: the blocking ring and
         # the wait clock
@@ -144,7 +146,7 @@ def _run_loss(rec, img, txt, group=None, block_sizes=None):
         )  # fmt: skip
     out["loss"].backward()
     _sync(img.device)
-    return time.perf_counter() - t0, float(out["loss"].detach()), clock.seconds
+    return time.perf_counter() - t0, float(out["loss"].detach()), dict(clock.by_phase)
 
 
 def _floor(img, txt, chunk):
@@ -256,19 +258,20 @@ def _dist_entry(rank, world, port, rec, queue):
     img, txt = img[rank * b : (rank + 1) * b].clone(), txt[rank * b : (rank + 1) * b].clone()
     _run_loss(dict(rec, N=8 * world), img[:8], txt[:8], group=dist.group.WORLD)  # warm up
     runs = []
-    for _ in range(max(1, rec["repeat"])):  # the fastest of the runs, with its CPU time and wait time
+    for _ in range(max(1, rec["repeat"])):  # the fastest run's time; every run's waits
         dist.barrier()
         cpu0 = time.process_time()
-        seconds, value, wait = _run_loss(rec, img, txt, group=dist.group.WORLD)
-        runs.append((seconds, time.process_time() - cpu0, wait))
-    seconds, cpu, wait = min(runs)
+        seconds, value, waits = _run_loss(rec, img, txt, group=dist.group.WORLD)
+        runs.append((seconds, time.process_time() - cpu0, waits))
+    seconds, cpu, _ = min(runs, key=lambda r: r[0])
+    waits = [r[2] for r in runs]
     _reset_rss_peak()
     dist.barrier()
     base = _rss_bytes()
     _, peak, _ = _profiled_peak(lambda: _run_loss(rec, img, txt, group=dist.group.WORLD))
     rss = max(0, _peak_rss_bytes() - base)
     times = [None] * world
-    dist.all_gather_object(times, (seconds, cpu, peak, rss, wait))
+    dist.all_gather_object(times, (seconds, cpu, peak, rss, waits))
     if rank == 0:
         queue.put(
             {
@@ -276,12 +279,26 @@ def _dist_entry(rank, world, port, rec, queue):
                 "cpu_seconds": max(t[1] for t in times),
                 "peak_bytes": max(t[2] for t in times),
                 "rss_peak_bytes": max(t[3] for t in times),
-                "wait_seconds": max(t[4] for t in times),
-                "wait_seconds_per_rank": [t[4] for t in times],
+                **_wait_summary([t[4] for t in times]),
                 "loss": value,
             }
         )
     dist.destroy_process_group()
+
+
+def _wait_summary(per_rank: list[list[dict[str, float]]]) -> dict:
+    """Waits of every rank in every run (``per_rank[rank][run] = {phase: seconds}``) → the median over runs of the
+    slowest rank's total, and of each phase's slowest rank, plus the raw numbers."""
+    import statistics
+
+    runs = range(len(per_rank[0]))
+    total = [max(sum(rank[i].values()) for rank in per_rank) for i in runs]
+    phases = sorted({p for rank in per_rank for run in rank for p in run})
+    out = {"wait_seconds": statistics.median(total), "waits_per_rank_and_run": per_rank}
+    for phase in phases:
+        slowest = [max(rank[i].get(phase, 0.0) for rank in per_rank) for i in runs]
+        out[f"wait_{phase}_seconds"] = statistics.median(slowest)
+    return out
 
 
 def _dist_worker(rec):
@@ -401,7 +418,7 @@ def main(argv=None) -> int:
                 plan.extend((impl, "ring", n, 1, c) for c in (args.chunk_size if impl != "naive" else [None]))
     header = (
         f"{'impl':<18}{'comm':<15}{'N':>7}{'P':>3}{'D':>5}{'c':>6}{'seconds':>10}{'cpu s':>9}{'peak MiB':>10}"
-        f"{'pred MiB':>10}{'wait s':>8}"
+        f"{'pred MiB':>10}{'wait s':>8}{'gather':>8}{'r-scat':>8}"
     )
     print(f"device: {args.device}, threads per process: {args.threads}")
     print(header)
@@ -429,7 +446,7 @@ def main(argv=None) -> int:
             print(
                 f"{impl:<18}{comm:<15}{n:>7}{world:>3}{args.d:>5}{chunk or '-':>6}{rec['seconds']:>10.2f}"
                 f"{rec.get('cpu_seconds', float('nan')):>9.2f}{_mib(rec['peak_bytes']):>10.0f}"
-                f"{_mib(predicted):>10.0f}{rec.get('wait_seconds', float('nan')):>8.3f}",
+                f"{_mib(predicted):>10.0f}" + "".join(f"{rec.get(k, float('nan')):>8.3f}" for k in WAIT_KEYS),
                 flush=True,
             )
     result: dict = {"records": records}

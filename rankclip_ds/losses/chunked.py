@@ -19,6 +19,11 @@ full row; both are scattered into ``G`` (2c, 2N) and turned into feature gradien
 second sort, and no b x N tensor is alive across chunks (nothing of size N x N anywhere).  ``backward="recompute"``
 runs the loop twice instead (values only in forward, the same loop again in backward), the flash-attention /
 Inf-CL pattern; it exists to be measured against the fused default (docs/loss.md).
+
+Overlap with the exchange: the first chunk's ``M`` is assembled block by block while the ring delivers ``K_all``,
+and the last chunk's ``dK_all`` contribution is formed per owner inside the reduce-scatter, while its hops are in
+flight (exchange.py).  On the device: the scale stays a 0-d tensor and nothing is read back to the host in the
+loop; the only host read of a call is the agreement on the block sizes when the caller does not pass them.
 """
 
 from __future__ import annotations

@@ -59,18 +59,21 @@ class WaitClock:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.waits = 0
+        self.by_phase: dict[str, float] = {}  # "gather" (features out), "reduce_scatter" (gradients back)
 
-    def wait(self, reqs) -> None:
+    def wait(self, reqs, phase: str) -> None:
         t0 = time.perf_counter()
         for req in reqs:
             req.wait()
-        self.seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        self.by_phase[phase] = self.by_phase.get(phase, 0.0) + seconds
         self.waits += 1
 
 
-def _wait(reqs, clock: WaitClock | None) -> None:
+def _wait(reqs, clock: WaitClock | None, phase: str) -> None:
     if clock is not None:
-        clock.wait(reqs)
+        clock.wait(reqs, phase)
         return
     for req in reqs:
         req.wait()
@@ -160,7 +163,7 @@ def gather_blocks(
         work = dist.all_gather(bufs, padded, group=group, async_op=True)
         if on_block is not None and overlap:
             on_block(layout.rank, local)  # the own block needs nothing from the others
-        _wait([work], clock)
+        _wait([work], clock, "gather")
         if on_block is not None and not overlap:
             on_block(layout.rank, local)
         for r in range(layout.world):
@@ -182,7 +185,7 @@ def gather_blocks(
         reqs = dist.batch_isend_irecv(ops)
         if overlap:
             _process(k_all, current, origin, layout, on_block, copy=hop > 0)  # runs while the hop is in flight
-        _wait(reqs, clock)
+        _wait(reqs, clock, "gather")
         current, origin = incoming, origin_in
     _process(k_all, current, origin, layout, on_block, copy=True)
     return k_all
@@ -225,7 +228,7 @@ def reduce_scatter_blocks(
                 extra = contribution(r)
                 dk_all[lo:hi] += extra[: layout.sizes[r]]
                 dk_all[layout.n + lo : layout.n + hi] += extra[layout.sizes[r] :]
-        _wait([dist.all_reduce(dk_all, group=group, async_op=True)], clock)
+        _wait([dist.all_reduce(dk_all, group=group, async_op=True)], clock, "reduce_scatter")
         return _take(dk_all, layout, layout.rank)
     right, left = _peers(group)
     rank, world = layout.rank, layout.world
@@ -239,6 +242,6 @@ def reduce_scatter_blocks(
         reqs = dist.batch_isend_irecv(ops)
         if overlap:
             mine = own(owner_in)  # runs while the hop is in flight
-        _wait(reqs, clock)
+        _wait(reqs, clock, "reduce_scatter")
         partial = incoming.add_(mine)
     return partial
