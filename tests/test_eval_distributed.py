@@ -48,6 +48,7 @@ results = {
 }
 with open(sys.argv[5], "w") as f:
     json.dump(results, f)
+dist.barrier()  # as the evaluation CLI does: no rank tears its connections down while a peer still uses them
 dist.destroy_process_group()
 """
 

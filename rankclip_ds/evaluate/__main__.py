@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             print(f"wrote {write_json(result, args.output)}")
     if dist.is_initialized():
+        # Every rank done before any tears its connections down: gloo can abort a process ("terminate called without
+        # an active exception") whose peer closes the pairs while its own last transfer is still being processed.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
