@@ -12,7 +12,8 @@ from typing import Any
 
 from .config import BatchPlan, Config, ConfigError, resolve_batch
 from .ds_config import build_deepspeed_config, validate_with_deepspeed
-from .preflight import find_problems, format_problems
+from .preflight import find_problems
+from .problems import format_problems
 
 __all__ = ["RunPlan", "build_plan", "format_bytes"]
 

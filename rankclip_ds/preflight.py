@@ -23,13 +23,13 @@ import difflib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BatchPlan, Config, ConfigError, resolve_batch
+from .config import BatchPlan, Config, resolve_batch
+from .problems import ConfigError, Problem, format_problems, problem_message, suggest
 
-__all__ = ["Problem", "find_problems", "format_problems", "run_preflight"]
+__all__ = ["find_problems", "run_preflight"]
 
 # Files a Hugging Face folder needs for the tokenizer (any one of them) and for pretrained weights (any one).
 _TOKENIZER_FILES = (
@@ -47,29 +47,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One mistake found by the pre-flight."""
-
-    field: str
-    """The dotted config key (``data.train_data``) or JSON field (``zero_optimization.stage in ds.json``)."""
-    message: str
-    """``field=value: problem. Fix: ...``: what is wrong and what to do."""
-    machine: bool = False
-    """True when the problem is about this machine (files, devices) rather than the configuration itself: only a
-    real run needs them, so a dry run reports them as notes instead of failing."""
-
-
-def _message(field: str, value: Any, problem: str, fix: str) -> str:
-    """The one message form of config errors (as :func:`rankclip_ds.config.sections._fail` writes it)."""
-    return f"{field}={value!r}: {problem}. Fix: {fix}"
-
-
-def _suggest(name: str, choices: list[str], n: int = 2) -> str:
-    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.75)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -92,16 +69,13 @@ def _check_batch(cfg: Config, world_size: int) -> tuple[BatchPlan | None, list[P
     rows = plan.micro_batch_size * (plan.grad_accum_steps if cfg.optim.grad_cache else 1)
     if cfg.optim.micro_batch_size is None and cfg.loss.chunk_size is not None and cfg.loss.chunk_size > rows:
         problems.append(
-            Problem(
+            Problem.of(
                 "loss.chunk_size",
-                _message(
-                    "loss.chunk_size",
-                    cfg.loss.chunk_size,
-                    f"is larger than the loss's local batch ({rows} rows: the micro batch derived from "
-                    f"optim.global_batch_size={plan.global_batch_size} over {world_size} ranks"
-                    + (" × grad_accum_steps with grad_cache)" if cfg.optim.grad_cache else ")"),
-                    f"use loss.chunk_size <= {rows}, or null for the default",
-                ),
+                cfg.loss.chunk_size,
+                f"is larger than the loss's local batch ({rows} rows: the micro batch derived from "
+                f"optim.global_batch_size={plan.global_batch_size} over {world_size} ranks"
+                + (" × grad_accum_steps with grad_cache)" if cfg.optim.grad_cache else ")"),
+                f"use loss.chunk_size <= {rows}, or null for the default",
             )
         )
     data = cfg.data
@@ -112,14 +86,11 @@ def _check_batch(cfg: Config, world_size: int) -> tuple[BatchPlan | None, list[P
         and data.samples_per_epoch < plan.global_batch_size
     ):
         problems.append(
-            Problem(
+            Problem.of(
                 "data.samples_per_epoch",
-                _message(
-                    "data.samples_per_epoch",
-                    data.samples_per_epoch,
-                    f"is less than one optimizer step ({_batch_text(plan)})",
-                    f"use data.samples_per_epoch >= {plan.global_batch_size}, or a smaller batch",
-                ),
+                data.samples_per_epoch,
+                f"is less than one optimizer step ({_batch_text(plan)})",
+                f"use data.samples_per_epoch >= {plan.global_batch_size}, or a smaller batch",
             )
         )
     return plan, problems
@@ -183,14 +154,14 @@ def _deepspeed_rejections(exc: ConfigError, ds: dict[str, Any], source: str) -> 
         field = ".".join(([section] if section else []) + loc) or "(top level)"
         if err.get("type") == "extra_forbidden" and model is not None and len(loc) == 1:
             names = [n for name, f in model.model_fields.items() for n in (name, f.alias) if n]
-            fix = f"remove {field}" + (_suggest(loc[-1], names) or f"; valid keys: {', '.join(sorted(names))}")
+            fix = f"remove {field}" + (suggest(loc[-1], names) or f"; valid keys: {', '.join(sorted(names))}")
         elif err.get("type") == "enum" and "expected" in err.get("ctx", {}):
             fix = f"use one of {err['ctx']['expected']}"
         else:
             fix = "see https://www.deepspeed.ai/docs/config-json/"
         value = err.get("input")
         problem = f"DeepSpeed rejects it: {err.get('msg', 'invalid')}"
-        problems.append(Problem(f"{field} in {source}", f"{source}: " + _message(field, value, problem, fix)))
+        problems.append(Problem(f"{field} in {source}", f"{source}: " + problem_message(field, value, problem, fix)))
     return problems
 
 
@@ -248,28 +219,22 @@ def _check_image_tower(cfg: Config) -> list[Problem]:
         tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{arch}.*")]
         if tag not in tags:
             problems.append(
-                Problem(
+                Problem.of(
                     "model.image.name",
-                    _message(
-                        "model.image.name",
-                        image.name,
-                        f"timm knows no tag {tag!r} for {arch!r} (the tag selects its preprocessing config; "
-                        "nothing is downloaded)",
-                        f"use the bare name {arch!r}"
-                        + (f" or one of {', '.join(f'{arch}.{t}' for t in tags[:4])}" if tags else ""),
-                    ),
+                    image.name,
+                    f"timm knows no tag {tag!r} for {arch!r} (the tag selects its preprocessing config; "
+                    "nothing is downloaded)",
+                    f"use the bare name {arch!r}"
+                    + (f" or one of {', '.join(f'{arch}.{t}' for t in tags[:4])}" if tags else ""),
                 )
             )
     if image.weights and not Path(image.weights).is_file():
         problems.append(
-            Problem(
+            Problem.of(
                 "model.image.weights",
-                _message(
-                    "model.image.weights",
-                    image.weights,
-                    "no such file",
-                    "give a local .safetensors/.pth/.bin file, or null to train the image tower from scratch",
-                ),
+                image.weights,
+                "no such file",
+                "give a local .safetensors/.pth/.bin file, or null to train the image tower from scratch",
                 machine=True,
             )
         )
@@ -287,15 +252,12 @@ def _check_text_tower(cfg: Config) -> list[Problem]:
         path = Path(text.name_or_path).expanduser()
         if not path.exists():
             return [
-                Problem(
+                Problem.of(
                     field,
-                    _message(
-                        field,
-                        text.name_or_path,
-                        "no such folder on this machine (Hugging Face hub names are never downloaded)",
-                        "save the model and its tokenizer there first (save_pretrained), or use "
-                        + " / ".join(BUILTIN_TEXT_MODELS),
-                    ),
+                    text.name_or_path,
+                    "no such folder on this machine (Hugging Face hub names are never downloaded)",
+                    "save the model and its tokenizer there first (save_pretrained), or use "
+                    + " / ".join(BUILTIN_TEXT_MODELS),
                 )
             ]
     try:
@@ -310,20 +272,17 @@ def _check_text_tower(cfg: Config) -> list[Problem]:
     except Exception as exc:  # any failure to read config.json: JSON, unknown model_type, ...
         detail = " ".join(str(exc).split())
         problem = f"its config.json cannot be read ({detail})"
-        return [Problem(field, _message(field, text.name_or_path, problem, "re-save the model with save_pretrained"))]
+        return [Problem.of(field, text.name_or_path, problem, "re-save the model with save_pretrained")]
     problems = []
     known = sorted(hf_config.to_dict())
     for key, value in text.overrides.items():
         if not hasattr(hf_config, key):
             problems.append(
-                Problem(
+                Problem.of(
                     f"model.text.overrides.{key}",
-                    _message(
-                        f"model.text.overrides.{key}",
-                        value,
-                        f"{type(hf_config).__name__} has no field {key!r}",
-                        "use a field of its config.json" + (_suggest(key, known) or ", e.g. num_hidden_layers"),
-                    ),
+                    value,
+                    f"{type(hf_config).__name__} has no field {key!r}",
+                    "use a field of its config.json" + (suggest(key, known) or ", e.g. num_hidden_layers"),
                 )
             )
         else:
@@ -331,41 +290,32 @@ def _check_text_tower(cfg: Config) -> list[Problem]:
     max_positions = getattr(hf_config, "max_position_embeddings", None)
     if isinstance(max_positions, int) and text.max_length > max_positions:
         problems.append(
-            Problem(
+            Problem.of(
                 "model.text.max_length",
-                _message(
-                    "model.text.max_length",
-                    text.max_length,
-                    f"exceeds the text model's max_position_embeddings={max_positions}: longer token sequences "
-                    "have no position embedding",
-                    f"use model.text.max_length <= {max_positions}",
-                ),
+                text.max_length,
+                f"exceeds the text model's max_position_embeddings={max_positions}: longer token sequences "
+                "have no position embedding",
+                f"use model.text.max_length <= {max_positions}",
             )
         )
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         problems.append(
-            Problem(
+            Problem.of(
                 field,
-                _message(
-                    field,
-                    text.name_or_path,
-                    f"the folder {str(folder)!r} has no tokenizer file",
-                    "save the tokenizer there too (tokenizer.save_pretrained)",
-                ),
+                text.name_or_path,
+                f"the folder {str(folder)!r} has no tokenizer file",
+                "save the tokenizer there too (tokenizer.save_pretrained)",
                 machine=True,
             )
         )
     if text.pretrained and not any((folder / name).is_file() for name in _WEIGHT_FILES):
         problems.append(
-            Problem(
+            Problem.of(
                 "model.text.pretrained",
-                _message(
-                    "model.text.pretrained",
-                    True,
-                    f"the folder {str(folder)!r} has no weights ({' / '.join(_WEIGHT_FILES[::2])})",
-                    "save the weights there (save_pretrained), or set model.text.pretrained=false to train the "
-                    "text tower from scratch",
-                ),
+                True,
+                f"the folder {str(folder)!r} has no weights ({' / '.join(_WEIGHT_FILES[::2])})",
+                "save the weights there (save_pretrained), or set model.text.pretrained=false to train the "
+                "text tower from scratch",
                 machine=True,
             )
         )
@@ -386,35 +336,28 @@ def _check_train_data(cfg: Config, plan: BatchPlan | None) -> list[Problem]:
         parse_caption_key(data.caption_key)
     except ValueError:
         problems.append(
-            Problem(
+            Problem.of(
                 "data.caption_key",
-                _message(
-                    "data.caption_key",
-                    data.caption_key,
-                    "is neither a member extension (such as 'txt') nor 'json:FIELD'",
-                    "use 'txt', or 'json:FIELD' to read the caption from a field of the .json member",
-                ),
+                data.caption_key,
+                "is neither a member extension (such as 'txt') nor 'json:FIELD'",
+                "use 'txt', or 'json:FIELD' to read the caption from a field of the .json member",
             )
         )
     try:
         sources = parse_spec(data.train_data)
     except ValueError as exc:
         fix = "write brace expressions joined with '::', each optionally '@WEIGHT' (see docs/data.md)"
-        problems.append(Problem("data.train_data", _message("data.train_data", data.train_data, str(exc), fix)))
+        problems.append(Problem.of("data.train_data", data.train_data, str(exc), fix))
         return problems
     try:
         check_sources_exist(sources)
     except FileNotFoundError as exc:
         problems.append(
-            Problem(
+            Problem.of(
                 "data.train_data",
-                _message(
-                    "data.train_data",
-                    data.train_data,
-                    str(exc).split("; ", 1)[0],
-                    "check the path and the brace range (e.g. '/data/cc3m/{00000..00331}.tar'), or write the "
-                    "shards first",
-                ),
+                data.train_data,
+                str(exc).split("; ", 1)[0],
+                "check the path and the brace range (e.g. '/data/cc3m/{00000..00331}.tar'), or write the shards first",
                 machine=True,
             )
         )
@@ -431,14 +374,11 @@ def _check_train_data(cfg: Config, plan: BatchPlan | None) -> list[Problem]:
     steps_per_epoch = total // per_step // plan.grad_accum_steps
     if steps_per_epoch < 1:
         problems.append(
-            Problem(
+            Problem.of(
                 "data.train_data",
-                _message(
-                    "data.train_data",
-                    data.train_data,
-                    f"holds {total} samples, less than one optimizer step ({_batch_text(plan)})",
-                    "add data, or lower optim.micro_batch_size / optim.grad_accum_steps",
-                ),
+                data.train_data,
+                f"holds {total} samples, less than one optimizer step ({_batch_text(plan)})",
+                "add data, or lower optim.micro_batch_size / optim.grad_accum_steps",
                 machine=True,
             )
         )
@@ -446,15 +386,12 @@ def _check_train_data(cfg: Config, plan: BatchPlan | None) -> list[Problem]:
         total_steps = cfg.schedule.epochs * steps_per_epoch
         if cfg.schedule.warmup_steps >= total_steps:
             problems.append(
-                Problem(
+                Problem.of(
                     "schedule.warmup_steps",
-                    _message(
-                        "schedule.warmup_steps",
-                        cfg.schedule.warmup_steps,
-                        f"is as long as or longer than the whole run: schedule.epochs={cfg.schedule.epochs} × "
-                        f"{steps_per_epoch} steps per epoch ({total} samples) = {total_steps} steps",
-                        f"use schedule.warmup_steps < {total_steps}, or train longer",
-                    ),
+                    cfg.schedule.warmup_steps,
+                    f"is as long as or longer than the whole run: schedule.epochs={cfg.schedule.epochs} × "
+                    f"{steps_per_epoch} steps per epoch ({total} samples) = {total_steps} steps",
+                    f"use schedule.warmup_steps < {total_steps}, or train longer",
                     machine=True,
                 )
             )
@@ -484,24 +421,23 @@ def _check_eval(cfg: Config) -> list[Problem]:
                 "per line, line i = label i), or set eval.zeroshot_data=null"
             )
         problems.append(
-            Problem(
+            Problem.of(
                 field,
-                _message(field, value, str(exc).split("; ", 1)[0].split(". Fix:", 1)[0], fix),
+                value,
+                str(exc).split("; ", 1)[0].split(". Fix:", 1)[0],
+                fix,
                 machine=True,
             )
         )
     else:
         if names is None:
             problems.append(
-                Problem(
+                Problem.of(
                     "eval.classnames",
-                    _message(
-                        "eval.classnames",
-                        ev.classnames,
-                        f"zero-shot classification needs class names, and there is no classnames.txt beside the "
-                        f"shards of eval.zeroshot_data={ev.zeroshot_data!r}",
-                        "set eval.classnames=FILE (one name per line, line i = label i)",
-                    ),
+                    ev.classnames,
+                    f"zero-shot classification needs class names, and there is no classnames.txt beside the "
+                    f"shards of eval.zeroshot_data={ev.zeroshot_data!r}",
+                    "set eval.classnames=FILE (one name per line, line i = label i)",
                     machine=True,
                 )
             )
@@ -509,14 +445,11 @@ def _check_eval(cfg: Config) -> list[Problem]:
         resolve_templates(ev.templates)
     except (OSError, ValueError) as exc:
         problems.append(
-            Problem(
+            Problem.of(
                 "eval.templates",
-                _message(
-                    "eval.templates",
-                    ev.templates,
-                    str(exc).split(". Fix:", 1)[0],
-                    "use 'openai', one template with {} (e.g. 'a photo of a {}.'), or an existing file",
-                ),
+                ev.templates,
+                str(exc).split(". Fix:", 1)[0],
+                "use 'openai', one template with {} (e.g. 'a photo of a {}.'), or an existing file",
                 machine=True,
             )
         )
@@ -552,7 +485,7 @@ def _check_resume(cfg: Config) -> list[Problem]:
     else:
         problem = "no such checkpoint folder"
         fix = "give a complete <run>/checkpoints/step_NNNNNNNN folder, 'latest', or null to start from scratch"
-    return [Problem("checkpoint.resume", _message("checkpoint.resume", resume, problem, fix), machine=True)]
+    return [Problem.of("checkpoint.resume", resume, problem, fix, machine=True)]
 
 
 def _check_output_dir(cfg: Config) -> list[Problem]:
@@ -563,14 +496,11 @@ def _check_output_dir(cfg: Config) -> list[Problem]:
     for path, field, value in ((out, "run.output_dir", cfg.run.output_dir), (run_dir, "run.name", cfg.run.name)):
         if path.exists() and not path.is_dir():
             return [
-                Problem(
+                Problem.of(
                     field,
-                    _message(
-                        field,
-                        value,
-                        f"{str(path)!r} is a file, not a folder",
-                        "choose another run.output_dir / run.name, or move the file away",
-                    ),
+                    value,
+                    f"{str(path)!r} is a file, not a folder",
+                    "choose another run.output_dir / run.name, or move the file away",
                     machine=True,
                 )
             ]
@@ -579,27 +509,21 @@ def _check_output_dir(cfg: Config) -> list[Problem]:
         existing = existing.parent
     if not existing.is_dir():
         return [
-            Problem(
+            Problem.of(
                 "run.output_dir",
-                _message(
-                    "run.output_dir",
-                    cfg.run.output_dir,
-                    f"{str(existing)!r} on its path is a file",
-                    "choose a run.output_dir under a folder",
-                ),
+                cfg.run.output_dir,
+                f"{str(existing)!r} on its path is a file",
+                "choose a run.output_dir under a folder",
                 machine=True,
             )
         ]
     if not os.access(existing, os.W_OK | os.X_OK):
         return [
-            Problem(
+            Problem.of(
                 "run.output_dir",
-                _message(
-                    "run.output_dir",
-                    cfg.run.output_dir,
-                    f"{str(existing)!r} is not writable by this user",
-                    "choose a run.output_dir you can write",
-                ),
+                cfg.run.output_dir,
+                f"{str(existing)!r} is not writable by this user",
+                "choose a run.output_dir you can write",
                 machine=True,
             )
         ]
@@ -625,14 +549,11 @@ def _check_precision(cfg: Config) -> list[Problem]:
         return []
     other = "bf16" if precision == "fp16" else "fp32"
     return [
-        Problem(
+        Problem.of(
             "run.precision",
-            _message(
-                "run.precision",
-                precision,
-                f"DeepSpeed's {accelerator.device_name()!r} accelerator on this machine does not support {precision}",
-                f"use run.precision={other} (or fp32) here, or run on a device that supports {precision}",
-            ),
+            precision,
+            f"DeepSpeed's {accelerator.device_name()!r} accelerator on this machine does not support {precision}",
+            f"use run.precision={other} (or fp32) here, or run on a device that supports {precision}",
             machine=True,
         )
     ]
@@ -646,15 +567,12 @@ def _check_fused_optimizer(cfg: Config, ds_json: dict[str, Any], source: str) ->
     if cfg.optim.fused is not True or not optimizer_offloaded(ds_json):
         return []
     return [
-        Problem(
+        Problem.of(
             "optim.fused",
-            _message(
-                "optim.fused",
-                True,
-                f"{source} offloads the optimizer to the CPU (zero_optimization.offload_optimizer.device=cpu), "
-                "where DeepSpeed steps its own CPU Adam, not torch.optim.AdamW",
-                "set optim.fused to auto or false, or drop offload_optimizer from the DeepSpeed JSON",
-            ),
+            True,
+            f"{source} offloads the optimizer to the CPU (zero_optimization.offload_optimizer.device=cpu), "
+            "where DeepSpeed steps its own CPU Adam, not torch.optim.AdamW",
+            "set optim.fused to auto or false, or drop offload_optimizer from the DeepSpeed JSON",
         )
     ]
 
@@ -677,13 +595,6 @@ def find_problems(cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_s
     for check in checks:
         problems.extend(check())
     return problems
-
-
-def format_problems(problems: list[Problem]) -> str:
-    """One problem: its message. Several: a count, then one problem per line."""
-    if len(problems) == 1:
-        return problems[0].message
-    return f"{len(problems)} problems found before starting:\n" + "\n".join(f"  - {p.message}" for p in problems)
 
 
 def run_preflight(cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sections import ConfigError, OptimConfig, _fail
+from ..problems import ConfigError, fail
+from .sections import OptimConfig
 
 __all__ = ["BatchPlan", "resolve_batch"]
 
@@ -41,7 +42,7 @@ def resolve_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
     if micro is None:
         assert glob is not None  # checked in OptimConfig
         if glob % (accum * world_size):
-            _fail(
+            fail(
                 "optim.global_batch_size",
                 glob,
                 f"is not divisible by grad_accum_steps × world_size = {accum} × {world_size} = {accum * world_size}",
@@ -50,7 +51,7 @@ def resolve_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
         micro = glob // (accum * world_size)
     derived = micro * accum * world_size
     if glob is not None and glob != derived:
-        _fail(
+        fail(
             "optim.global_batch_size",
             glob,
             f"contradicts micro_batch_size × grad_accum_steps × world_size = {micro} × {accum} × {world_size} = "

@@ -12,7 +12,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .sections import Config, ConfigError, _fail
+from ..problems import ConfigError, fail
+from .sections import Config
 
 __all__ = [
     "config_from_dict",
@@ -49,35 +50,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"choose one of {list(args)}"
-            _fail(key, value, f"is not one of {list(args)}", hint)
+            fail(key, value, f"is not one of {list(args)}", hint)
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            _fail(key, value, "must be a mapping (a YAML section)", f"write {key}: {{...}} with its fields")
+            fail(key, value, "must be a mapping (a YAML section)", f"write {key}: {{...}} with its fields")
         return _build(tp, value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            _fail(key, value, f"must be a list of {len(args)} values", f"write e.g. {key}: [a, b]")
+            fail(key, value, f"must be a list of {len(args)} values", f"write e.g. {key}: [a, b]")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            _fail(key, value, "must be a list", f"write {key}: [..]")
+            fail(key, value, "must be a list", f"write {key}: [..]")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            _fail(key, value, "must be a mapping", f"write {key}: {{name: value}}")
+            fail(key, value, "must be a mapping", f"write {key}: {{name: value}}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(key, value, "must be true or false", f"write {key}: true")
+            fail(key, value, "must be true or false", f"write {key}: true")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            _fail(key, value, "must be an integer", f"write {key} as a whole number")
+            fail(key, value, "must be an integer", f"write {key} as a whole number")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -87,13 +88,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, value, "must be a number", f"write {key} as a number, e.g. 5e-4")
+            fail(key, value, "must be a number", f"write {key} as a number, e.g. 5e-4")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
-            _fail(key, value, "must be a string", f"quote the value of {key}")
+            fail(key, value, "must be a string", f"quote the value of {key}")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not a user error
 

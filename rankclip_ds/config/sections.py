@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..problems import ConfigError, check_positive, fail
 
 __all__ = [
     "CheckpointConfig",
@@ -23,21 +24,6 @@ __all__ = [
     "ScheduleConfig",
     "TextTowerConfig",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the key, the value and the fix."""
-
-
-def _fail(key: str, value: Any, problem: str, fix: str) -> typing.NoReturn:
-    raise ConfigError(f"{key}={value!r}: {problem}. Fix: {fix}")
-
-
-def _check_positive(section: str, name: str, value: float | int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or not value > 0:
-        _fail(f"{section}.{name}", value, "must be > 0", f"set {section}.{name} to a positive number")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -66,9 +52,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
-            _fail("run.name", self.name, "must be a non-empty folder name without '/'", "pick e.g. run.name=my_run")
+            fail("run.name", self.name, "must be a non-empty folder name without '/'", "pick e.g. run.name=my_run")
         if self.seed < 0:
-            _fail("run.seed", self.seed, "must be >= 0", "use a non-negative integer seed")
+            fail("run.seed", self.seed, "must be >= 0", "use a non-negative integer seed")
 
 
 @dataclass
@@ -94,10 +80,10 @@ class ImageTowerConfig:
 
     def __post_init__(self) -> None:
         if not self.name:
-            _fail("model.image.name", self.name, "is empty", "name a timm model, e.g. vit_base_patch16_224")
-        _check_positive("model.image", "image_size", self.image_size)
+            fail("model.image.name", self.name, "is empty", "name a timm model, e.g. vit_base_patch16_224")
+        check_positive("model.image", "image_size", self.image_size)
         if not 0.0 <= self.drop_path_rate < 1.0:
-            _fail("model.image.drop_path_rate", self.drop_path_rate, "must be in [0, 1)", "use e.g. 0.1")
+            fail("model.image.drop_path_rate", self.drop_path_rate, "must be in [0, 1)", "use e.g. 0.1")
 
 
 @dataclass
@@ -126,18 +112,18 @@ class TextTowerConfig:
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
-            _fail("model.text.name_or_path", self.name_or_path, "is empty", "give a local folder or builtin:minilm")
+            fail("model.text.name_or_path", self.name_or_path, "is empty", "give a local folder or builtin:minilm")
         reshaping = {"hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "max_position_embeddings"}
         reshaped = sorted(reshaping & set(self.overrides))
         if self.pretrained and reshaped:
-            _fail(
+            fail(
                 "model.text.overrides",
                 self.overrides,
                 f"{reshaped} change tensor shapes, so the pretrained weights cannot load",
                 "set model.text.pretrained=false to build a resized tower from scratch, or keep only "
                 "num_hidden_layers / dropout overrides",
             )
-        _check_positive("model.text", "max_length", self.max_length)
+        check_positive("model.text", "max_length", self.max_length)
 
 
 @dataclass
@@ -162,10 +148,10 @@ class ModelConfig:
     default: the first steps (and the first evaluation) wait for compilation, minutes for ViT-B-size towers."""
 
     def __post_init__(self) -> None:
-        _check_positive("model", "embed_dim", self.embed_dim)
-        _check_positive("model", "max_logit_scale", self.max_logit_scale)
+        check_positive("model", "embed_dim", self.embed_dim)
+        check_positive("model", "max_logit_scale", self.max_logit_scale)
         if math.exp(self.init_logit_scale) > self.max_logit_scale:
-            _fail(
+            fail(
                 "model.init_logit_scale",
                 self.init_logit_scale,
                 f"exp(init_logit_scale)={math.exp(self.init_logit_scale):.4g} exceeds model.max_logit_scale="
@@ -201,22 +187,22 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.train_data:
-            _fail("data.train_data", self.train_data, "is empty", "point it at shards, e.g. data/x-{0000..0099}.tar")
-        _check_positive("data", "samples_per_epoch", self.samples_per_epoch, allow_none=True)
+            fail("data.train_data", self.train_data, "is empty", "point it at shards, e.g. data/x-{0000..0099}.tar")
+        check_positive("data", "samples_per_epoch", self.samples_per_epoch, allow_none=True)
         if self.mode == "resampled" and self.samples_per_epoch is None:
-            _fail(
+            fail(
                 "data.samples_per_epoch",
                 None,
                 "resampled mode is infinite and needs a virtual epoch length",
                 "set data.samples_per_epoch (e.g. the dataset size)",
             )
         if self.shuffle_buffer < 0:
-            _fail("data.shuffle_buffer", self.shuffle_buffer, "must be >= 0", "use 0 to disable shuffling")
+            fail("data.shuffle_buffer", self.shuffle_buffer, "must be >= 0", "use 0 to disable shuffling")
         if self.num_workers < 0:
-            _fail("data.num_workers", self.num_workers, "must be >= 0", "use 0 for in-process loading")
+            fail("data.num_workers", self.num_workers, "must be >= 0", "use 0 for in-process loading")
         lo, hi = self.rrc_scale
         if not 0.0 < lo <= hi <= 1.0:
-            _fail("data.rrc_scale", self.rrc_scale, "must satisfy 0 < low <= high <= 1", "use e.g. [0.9, 1.0]")
+            fail("data.rrc_scale", self.rrc_scale, "must satisfy 0 < low <= high <= 1", "use e.g. [0.9, 1.0]")
 
 
 @dataclass
@@ -253,21 +239,21 @@ class LossConfig:
         for name in ("lambda_cross", "lambda_in", "rank_weight_max"):
             value = getattr(self, name)
             if value < 0:
-                _fail(f"loss.{name}", value, "must be >= 0", f"use 0 to switch the term off, or a positive loss.{name}")
-        _check_positive("loss", "chunk_size", self.chunk_size, allow_none=True)
+                fail(f"loss.{name}", value, "must be >= 0", f"use 0 to switch the term off, or a positive loss.{name}")
+        check_positive("loss", "chunk_size", self.chunk_size, allow_none=True)
         if self.top_k is not None and self.top_k <= 0:
-            _fail("loss.top_k", self.top_k, "must be a positive integer", "use null for the exact loss, or K >= 1")
+            fail("loss.top_k", self.top_k, "must be a positive integer", "use null for the exact loss, or K >= 1")
         if self.impl == "top_k" and self.top_k is None:
-            _fail("loss.top_k", None, "loss.impl=top_k needs K", "set loss.top_k (e.g. 128), or use loss.impl=chunked")
+            fail("loss.top_k", None, "loss.impl=top_k needs K", "set loss.top_k (e.g. 128), or use loss.impl=chunked")
         if self.impl != "top_k" and self.top_k is not None:
-            _fail(
+            fail(
                 "loss.top_k",
                 self.top_k,
                 f"is only used by loss.impl=top_k (loss.impl={self.impl!r})",
                 "set loss.impl=top_k, or loss.top_k=null",
             )
         if not 0.0 < self.rank_weight_hold_from <= 1.0:
-            _fail("loss.rank_weight_hold_from", self.rank_weight_hold_from, "must be in (0, 1]", "use e.g. 0.6667")
+            fail("loss.rank_weight_hold_from", self.rank_weight_hold_from, "must be in (0, 1]", "use e.g. 0.6667")
 
 
 @dataclass
@@ -302,27 +288,27 @@ class OptimConfig:
     used and ``true`` is an error."""
 
     def __post_init__(self) -> None:
-        _check_positive("optim", "micro_batch_size", self.micro_batch_size, allow_none=True)
-        _check_positive("optim", "grad_accum_steps", self.grad_accum_steps)
-        _check_positive("optim", "global_batch_size", self.global_batch_size, allow_none=True)
+        check_positive("optim", "micro_batch_size", self.micro_batch_size, allow_none=True)
+        check_positive("optim", "grad_accum_steps", self.grad_accum_steps)
+        check_positive("optim", "global_batch_size", self.global_batch_size, allow_none=True)
         if self.micro_batch_size is None and self.global_batch_size is None:
-            _fail(
+            fail(
                 "optim.micro_batch_size",
                 None,
                 "neither micro_batch_size nor global_batch_size is set",
                 "set at least one of optim.micro_batch_size / optim.global_batch_size",
             )
-        _check_positive("optim", "lr", self.lr)
+        check_positive("optim", "lr", self.lr)
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:
-                _fail(f"optim.betas[{i}]", beta, "must be in [0, 1)", "use e.g. [0.9, 0.999]")
-        _check_positive("optim", "eps", self.eps)
+                fail(f"optim.betas[{i}]", beta, "must be in [0, 1)", "use e.g. [0.9, 0.999]")
+        check_positive("optim", "eps", self.eps)
         if self.weight_decay < 0:
-            _fail("optim.weight_decay", self.weight_decay, "must be >= 0", "use 0 to disable weight decay")
-        _check_positive("optim", "grad_clip", self.grad_clip, allow_none=True)
+            fail("optim.weight_decay", self.weight_decay, "must be >= 0", "use 0 to disable weight decay")
+        check_positive("optim", "grad_clip", self.grad_clip, allow_none=True)
         # The Literal check lets 1 and 0 through (they compare equal to True and False).
         if not (self.fused == "auto" or isinstance(self.fused, bool)):
-            _fail("optim.fused", self.fused, "must be auto, true or false", "write optim.fused: auto")
+            fail("optim.fused", self.fused, "must be auto, true or false", "write optim.fused: auto")
 
 
 @dataclass
@@ -340,19 +326,19 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.total_steps is None):
-            _fail(
+            fail(
                 "schedule.epochs",
                 self.epochs,
                 f"exactly one of schedule.epochs / schedule.total_steps (={self.total_steps}) must be set",
                 "set one of them and the other to null",
             )
-        _check_positive("schedule", "epochs", self.epochs, allow_none=True)
-        _check_positive("schedule", "total_steps", self.total_steps, allow_none=True)
+        check_positive("schedule", "epochs", self.epochs, allow_none=True)
+        check_positive("schedule", "total_steps", self.total_steps, allow_none=True)
         if self.warmup_steps < 0:
-            _fail("schedule.warmup_steps", self.warmup_steps, "must be >= 0", "use 0 for no warm-up")
+            fail("schedule.warmup_steps", self.warmup_steps, "must be >= 0", "use 0 for no warm-up")
         # Equal lengths are a mistake too: the learning rate would end the run at its peak, never decaying.
         if self.total_steps is not None and self.warmup_steps >= self.total_steps:
-            _fail(
+            fail(
                 "schedule.warmup_steps",
                 self.warmup_steps,
                 f"is as long as or longer than schedule.total_steps={self.total_steps}, so the learning rate "
@@ -360,7 +346,7 @@ class ScheduleConfig:
                 f"use schedule.warmup_steps < {self.total_steps} (e.g. {self.total_steps // 10}), or train longer",
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            _fail("schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]", "use e.g. 0.0 or 0.1")
+            fail("schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]", "use e.g. 0.0 or 0.1")
 
 
 @dataclass
@@ -382,10 +368,10 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
-            _fail("checkpoint.every_steps", self.every_steps, "must be >= 0", "use 0 to save only at the end")
-        _check_positive("checkpoint", "keep_last", self.keep_last)
+            fail("checkpoint.every_steps", self.every_steps, "must be >= 0", "use 0 to save only at the end")
+        check_positive("checkpoint", "keep_last", self.keep_last)
         if self.min_free_factor < 0:
-            _fail("checkpoint.min_free_factor", self.min_free_factor, "must be >= 0", "use 0 to skip the check")
+            fail("checkpoint.min_free_factor", self.min_free_factor, "must be >= 0", "use 0 to skip the check")
 
 
 @dataclass
@@ -412,8 +398,8 @@ class LoggingConfig:
     logged."""
 
     def __post_init__(self) -> None:
-        _check_positive("logging", "log_every", self.log_every)
-        _check_positive("logging", "peak_tflops", self.peak_tflops, allow_none=True)
+        check_positive("logging", "log_every", self.log_every)
+        check_positive("logging", "peak_tflops", self.peak_tflops, allow_none=True)
 
 
 @dataclass
@@ -433,8 +419,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
-            _fail("eval.every_steps", self.every_steps, "must be >= 0", "use 0 to evaluate only at the end")
-        _check_positive("eval", "batch_size", self.batch_size)
+            fail("eval.every_steps", self.every_steps, "must be >= 0", "use 0 to evaluate only at the end")
+        check_positive("eval", "batch_size", self.batch_size)
 
 
 @dataclass
@@ -451,9 +437,9 @@ class DistConfig:
     name the stuck rank; 0 disables the files (the error then names the collective only)."""
 
     def __post_init__(self) -> None:
-        _check_positive("dist", "timeout_minutes", self.timeout_minutes)
+        check_positive("dist", "timeout_minutes", self.timeout_minutes)
         if self.heartbeat_seconds < 0:
-            _fail("dist.heartbeat_seconds", self.heartbeat_seconds, "must be >= 0", "use 0 to disable heartbeats")
+            fail("dist.heartbeat_seconds", self.heartbeat_seconds, "must be >= 0", "use 0 to disable heartbeats")
 
 
 @dataclass
@@ -484,7 +470,7 @@ class Config:
     def __post_init__(self) -> None:
         # Cross-section checks: things no single section can see.
         if self.loss.ranking and self.loss.lambda_cross == 0 and self.loss.lambda_in == 0:
-            _fail(
+            fail(
                 "loss.ranking",
                 True,
                 "both loss.lambda_cross and loss.lambda_in are 0, so the ranking terms contribute nothing",
@@ -494,7 +480,7 @@ class Config:
         # The loss's local rows: one micro-batch, or all accumulated micro-batches with gradient caching.
         local_rows = None if micro is None else micro * (self.optim.grad_accum_steps if self.optim.grad_cache else 1)
         if self.loss.chunk_size is not None and local_rows is not None and self.loss.chunk_size > local_rows:
-            _fail(
+            fail(
                 "loss.chunk_size",
                 self.loss.chunk_size,
                 f"is larger than the loss's local batch ({local_rows} rows: optim.micro_batch_size={micro}"
