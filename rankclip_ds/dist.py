@@ -26,14 +26,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
+
+from .nccl_diagnostics import apply_nccl_diagnostics
 
 __all__ = [
-    "NCCL_DUMP_DIRNAME",
     "DistInfo",
     "expand_slurm_nodelist",
     "init_distributed",
-    "nccl_diagnostics_env",
     "read_dist_env",
     "setup_logging",
 ]
@@ -177,135 +177,95 @@ def read_dist_env(env: Mapping[str, str] | None = None, device_type: str | None 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
 
     if "RANK" in env and "WORLD_SIZE" in env:
-        if "TORCHELASTIC_RUN_ID" in env:
-            launcher = "torchrun"
-        elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
-            launcher = "deepspeed"
-        else:
-            launcher = "env"
-        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
-        local_rank = _int(env, "LOCAL_RANK", 0)
-        local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world))
-        node_rank = _int(env, "GROUP_RANK", _int(env, "CROSS_RANK", _int(env, "NODE_RANK", rank // local_world)))
-        addr = env.get("MASTER_ADDR", "127.0.0.1")
-        port = _int(env, "MASTER_PORT", 29500)
+        v = _rank_env_vars(env)
     elif "OMPI_COMM_WORLD_RANK" in env:
-        # mpirun / `deepspeed --launcher openmpi`: the master address must come with the job (mpirun -x).
-        launcher = "openmpi"
-        rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
-        local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
-        local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
-        node_rank = _int(env, "OMPI_COMM_WORLD_NODE_RANK", rank // local_world)
-        if world > 1 and not env.get("MASTER_ADDR"):
-            raise DistEnvError(
-                "OpenMPI launch without MASTER_ADDR: export it to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)"
-            )
-        addr = env.get("MASTER_ADDR", "127.0.0.1")
-        port = _int(env, "MASTER_PORT", 29500)
+        v = _openmpi_vars(env)
     elif "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
-        launcher = "slurm"
-        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
-        nnodes = _int(env, "SLURM_JOB_NUM_NODES", _int(env, "SLURM_NNODES", 1))
-        local_world = _slurm_tasks_per_node(env, world, nnodes)
-        local_rank = _int(env, "SLURM_LOCALID", rank % local_world)
-        node_rank = _int(env, "SLURM_NODEID", rank // local_world)
-        if env.get("MASTER_ADDR"):
-            addr = env["MASTER_ADDR"]
-        else:
-            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-            if not nodelist:
-                raise DistEnvError(
-                    "SLURM_PROCID is set but SLURM_JOB_NODELIST is not, so the master address is unknown; "
-                    "export MASTER_ADDR in the job script"
-                )
-            addr = expand_slurm_nodelist(nodelist)[0]
-        port = _slurm_port(env)
+        v = _slurm_vars(env)
     else:
-        launcher = "single"
-        rank, world, local_rank, local_world, node_rank = 0, 1, 0, 1, 0
-        addr = env.get("MASTER_ADDR", "127.0.0.1")
-        port = _int(env, "MASTER_PORT", 29500)
+        v = _single_process_vars(env)
 
-    if not 0 <= rank < world:
-        raise DistEnvError(f"rank {rank} is outside world size {world} (launcher {launcher})")
-    if not 0 <= local_rank < max(local_world, 1):
-        raise DistEnvError(f"local rank {local_rank} is outside local world size {local_world} (launcher {launcher})")
-    return DistInfo(rank, world, local_rank, local_world, node_rank, addr, port, launcher, device_type)
-
-
-# ------------------------------------------------------------------------------------------------ NCCL diagnostics
-NCCL_DUMP_DIRNAME = "nccl_dumps"
-"""Folder of the run folder that receives the NCCL flight recorder's dumps, one file per rank: ``rank_<rank>``."""
-NCCL_DUMP_FILE_PREFIX = "rank_"
-
-# What ProcessGroupNCCL and its flight recorder read when the NCCL process group is constructed, as PyTorch 2.14.1
-# (requirements.txt) declares them in torch/include/torch/csrc/distributed/c10d/ (ProcessGroupNCCL.hpp,
-# FlightRecorder.hpp, Utils.hpp). Each entry: the name we set, the other names PyTorch reads for the same setting (a
-# user who set any of them keeps it), the value. The values equal 2.14's defaults except the dump file; they are set
-# anyway so that a site, a container or another launcher's default cannot quietly turn the dump off.
-_NCCL_DIAGNOSTICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    # Flight recorder ring buffer, in events (a collective's start or end). FlightRecorder.hpp reads
-    # {"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"} and warns that the second name is deprecated, so we
-    # set the first; ProcessGroupNCCL reads the second alone, default 2000 (> 0, which the dump needs).
-    ("TORCH_FR_BUFFER_SIZE", ("TORCH_NCCL_TRACE_BUFFER_SIZE",), "2000"),
-    # Dump on a watchdog timeout or NCCL error (ProcessGroupNCCL.hpp: "must be set together with
-    # TORCH_NCCL_ENABLE_MONITORING=1 and TORCH_NCCL_TRACE_BUFFER_SIZE > 0").
-    ("TORCH_NCCL_DUMP_ON_TIMEOUT", (), "1"),
-    # The heartbeat monitor, the thread that polls the store for another rank's dump signal (ProcessGroupNCCL.hpp,
-    # class HeartbeatMonitor), so that every rank dumps, not only the one whose watchdog saw the timeout.
-    ("TORCH_NCCL_ENABLE_MONITORING", (), "1"),
-    # 3 = SkipCleanUp: tear the process down without ncclCommAbort, which can itself hang on a broken communicator
-    # (ProcessGroupNCCL.hpp, enum ErrorHandlingMode; "make users to use the default value (3 - SkipCleanUp)"). The
-    # watchdog signals the dump and waits for it before any teardown (4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC), so 1
-    # (abort, then tear down) dumps too; torchrun's agent exports 1 when unset, which is then kept as the user's.
-    # Not 0 (nothing handled: the rank waits on) or 2 (communicators aborted, the process left running on them).
-    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", ("NCCL_ASYNC_ERROR_HANDLING",), "3"),
-)
-# The dump file prefix (the rank is appended). The writer reads {"TORCH_FR_DUMP_TEMP_FILE",
-# "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"}, the second deprecated; its default, ~/.cache/torch/comm_lib_trace_rank_ on
-# each node, is where nobody looks after a failed job, and it creates no folder on its own.
-_NCCL_DUMP_FILE_VARIABLES = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
-
-
-def nccl_diagnostics_env(run_dir: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The NCCL flight recorder and error-handling variables to export before the NCCL process group is created, so
-    that a collective timeout leaves one dump per rank in ``<run_dir>/nccl_dumps/rank_<rank>``.
-
-    Pure: reads ``env`` (default ``os.environ``) and returns only the variables that neither the user nor a launcher
-    set (an empty value counts as unset, as in the Slurm scripts' ``${VAR:=value}``), under none of the names PyTorch
-    reads for the same setting. The dump path is absolute: the ranks may not share the caller's working directory.
-    """
-    env = os.environ if env is None else env
-    dump_prefix = str(Path(run_dir).absolute() / NCCL_DUMP_DIRNAME / NCCL_DUMP_FILE_PREFIX)
-    dump_file = (_NCCL_DUMP_FILE_VARIABLES[0], _NCCL_DUMP_FILE_VARIABLES[1:], dump_prefix)
-    return {
-        name: value
-        for name, aliases, value in (*_NCCL_DIAGNOSTICS, dump_file)
-        if not any(env.get(n) for n in (name, *aliases))
-    }
-
-
-def _apply_nccl_diagnostics(run_dir: str | os.PathLike[str]) -> None:
-    os.environ.update(nccl_diagnostics_env(run_dir))
-    dump_prefix = next(os.environ[n] for n in _NCCL_DUMP_FILE_VARIABLES if os.environ.get(n))
-    dump_dir = Path(dump_prefix).parent
-    try:
-        dump_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        # Not fatal: training works without it, only the post-mortem of a timeout is lost.
-        log.warning(
-            "cannot create the NCCL flight recorder's dump folder %s (%s): a collective timeout will leave no dump; "
-            "point TORCH_FR_DUMP_TEMP_FILE at a writable folder (the file prefix, e.g. /scratch/run/nccl_dumps/rank_)",
-            dump_dir,
-            exc,
+    if not 0 <= v.rank < v.world_size:
+        raise DistEnvError(f"rank {v.rank} is outside world size {v.world_size} (launcher {v.launcher})")
+    if not 0 <= v.local_rank < max(v.local_world_size, 1):
+        raise DistEnvError(
+            f"local rank {v.local_rank} is outside local world size {v.local_world_size} (launcher {v.launcher})"
         )
-        return
-    log.info(
-        "NCCL flight recorder: a collective timeout dumps each rank's last collectives to %s<rank> "
-        "(read them with: torchfrtrace %s)",
-        dump_prefix,
-        dump_dir,
-    )
+    return DistInfo(**v._asdict(), device_type=device_type)
+
+
+class _LaunchVars(NamedTuple):
+    """What one launcher's variables say: :class:`DistInfo` without the device type."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def _rank_env_vars(env: Mapping[str, str]) -> _LaunchVars:
+    """``RANK``/``WORLD_SIZE`` and friends, set by torchrun, the DeepSpeed launcher or by hand (``env``)."""
+    if "TORCHELASTIC_RUN_ID" in env:
+        launcher = "torchrun"
+    elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
+        launcher = "deepspeed"
+    else:
+        launcher = "env"
+    rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    local_rank = _int(env, "LOCAL_RANK", 0)
+    local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world))
+    node_rank = _int(env, "GROUP_RANK", _int(env, "CROSS_RANK", _int(env, "NODE_RANK", rank // local_world)))
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    port = _int(env, "MASTER_PORT", 29500)
+    return _LaunchVars(rank, world, local_rank, local_world, node_rank, addr, port, launcher)
+
+
+def _openmpi_vars(env: Mapping[str, str]) -> _LaunchVars:
+    """``OMPI_COMM_WORLD_*`` (mpirun, ``deepspeed --launcher openmpi``); the master address must come with the job
+    (mpirun -x)."""
+    rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+    local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
+    local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
+    node_rank = _int(env, "OMPI_COMM_WORLD_NODE_RANK", rank // local_world)
+    if world > 1 and not env.get("MASTER_ADDR"):
+        raise DistEnvError(
+            "OpenMPI launch without MASTER_ADDR: export it to every rank (mpirun -x MASTER_ADDR -x MASTER_PORT)"
+        )
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    port = _int(env, "MASTER_PORT", 29500)
+    return _LaunchVars(rank, world, local_rank, local_world, node_rank, addr, port, "openmpi")
+
+
+def _slurm_vars(env: Mapping[str, str]) -> _LaunchVars:
+    """``SLURM_*`` with one task per device (``srun python train.py``); the master address is ``MASTER_ADDR`` or the
+    first host of the job's node list."""
+    rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+    nnodes = _int(env, "SLURM_JOB_NUM_NODES", _int(env, "SLURM_NNODES", 1))
+    local_world = _slurm_tasks_per_node(env, world, nnodes)
+    local_rank = _int(env, "SLURM_LOCALID", rank % local_world)
+    node_rank = _int(env, "SLURM_NODEID", rank // local_world)
+    if env.get("MASTER_ADDR"):
+        addr = env["MASTER_ADDR"]
+    else:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise DistEnvError(
+                "SLURM_PROCID is set but SLURM_JOB_NODELIST is not, so the master address is unknown; "
+                "export MASTER_ADDR in the job script"
+            )
+        addr = expand_slurm_nodelist(nodelist)[0]
+    return _LaunchVars(rank, world, local_rank, local_world, node_rank, addr, _slurm_port(env), "slurm")
+
+
+def _single_process_vars(env: Mapping[str, str]) -> _LaunchVars:
+    """No launcher: rank 0 of 1 (``MASTER_ADDR``/``MASTER_PORT`` still honoured)."""
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    port = _int(env, "MASTER_PORT", 29500)
+    return _LaunchVars(0, 1, 0, 1, 0, addr, port, "single")
 
 
 def init_distributed(
@@ -322,7 +282,7 @@ def init_distributed(
     CUDA device from the local rank, and initialises through DeepSpeed (which the engine expects) or plain
     ``torch.distributed``. The timeout bounds every collective: a stuck rank fails instead of hanging forever.
     With the NCCL backend and a ``diagnostics_dir`` (the run folder), the flight recorder is set up first
-    (:func:`nccl_diagnostics_env`, the dump folder created); gloo gets none of it.
+    (:func:`rankclip_ds.nccl_diagnostics.nccl_diagnostics_env`, the dump folder created); gloo gets none of it.
     """
     import torch
     import torch.distributed as dist
@@ -349,7 +309,7 @@ def init_distributed(
         torch.cuda.set_device(torch.device(info.device))
     if info.backend == "nccl" and diagnostics_dir is not None:
         # ProcessGroupNCCL reads these once, when the group is constructed below.
-        _apply_nccl_diagnostics(diagnostics_dir)
+        apply_nccl_diagnostics(diagnostics_dir)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     log.info(
         "init process group: backend=%s rank=%d/%d local=%d master=%s:%d launcher=%s",

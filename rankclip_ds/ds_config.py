@@ -14,7 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, resolve_batch
+from .config import BatchSizes, Config
+from .problems import ConfigError
 
 __all__ = [
     "BATCH_FIELDS",
@@ -97,15 +98,15 @@ def _check_same(source: str, key: str, json_value: Any, cfg_key: str, cfg_value:
 
 
 def build_deepspeed_config(
-    ds: dict[str, Any], cfg: Config, world_size: int, *, source: str = "DeepSpeed JSON"
+    ds: dict[str, Any], cfg: Config, batch: BatchSizes, *, source: str = "DeepSpeed JSON"
 ) -> dict[str, Any]:
-    """Return the DeepSpeed config dict for ``cfg`` on ``world_size`` data-parallel ranks.
+    """Return the DeepSpeed config dict for ``cfg`` with the resolved ``batch`` (``config.resolve_batch``).
 
     Fills ``train_batch_size``, ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``,
     ``bf16``/``fp16``, ``gradient_clipping``; rejects contradictions with a message that shows both values.
     """
     out = copy.deepcopy(ds)
-    plan = resolve_batch(cfg.optim, world_size)
+    plan = batch
     derived = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rankclip_ds.trainer.checkpoint import COMPLETE, UNIVERSAL, convert_to_universal, read_meta
+from rankclip_ds.trainer.checkpoint import COMPLETE, UNIVERSAL, read_meta
+from rankclip_ds.trainer.universal import convert_to_universal
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,15 +9,17 @@ Batch sizes live only here. The DeepSpeed JSON's batch fields are derived from t
 :func:`rankclip_ds.ds_config.build_deepspeed_config`, and a JSON that sets them differently is rejected.
 """
 
-from .batch import BatchPlan, resolve_batch
+from .batch import BatchSizes, resolve_batch
 from .loading import (
     config_from_dict,
     config_to_dict,
+    describe_fields,
     dump_config,
     field_docs,
     load_config,
     parse_overrides,
     save_config,
+    section_from_dict,
 )
 from .sections import (
     CheckpointConfig,
@@ -37,7 +39,7 @@ from .sections import (
 )
 
 __all__ = [
-    "BatchPlan",
+    "BatchSizes",
     "CheckpointConfig",
     "Config",
     "ConfigError",
@@ -54,10 +56,12 @@ __all__ = [
     "TextTowerConfig",
     "config_from_dict",
     "config_to_dict",
+    "describe_fields",
     "dump_config",
     "field_docs",
     "load_config",
     "parse_overrides",
     "resolve_batch",
     "save_config",
+    "section_from_dict",
 ]

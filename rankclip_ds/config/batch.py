@@ -1,4 +1,8 @@
-"""Batch arithmetic: ``global = micro × grad_accum × data-parallel world``, derived once, asserted everywhere."""
+"""Batch arithmetic: ``global = micro × grad_accum × data-parallel world``, derived once, the one owner of it.
+
+Everything that needs a batch number (the DeepSpeed JSON's batch fields, the loss's list length and local rows, the
+data position of a resume, the pre-flight's checks, the dry run) reads it from :class:`BatchSizes`.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +11,39 @@ from dataclasses import dataclass
 from ..problems import ConfigError, fail
 from .sections import OptimConfig
 
-__all__ = ["BatchPlan", "resolve_batch"]
+__all__ = ["BatchSizes", "resolve_batch"]
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """Resolved batch arithmetic: ``global = micro × accum × world``."""
+class BatchSizes:
+    """Resolved batch arithmetic for one world size: ``global = micro × accum × world``."""
 
     micro_batch_size: int
     grad_accum_steps: int
     world_size: int
     global_batch_size: int
+    grad_cache: bool = False
+    """Gradient caching: the loss sees all accumulated micro-batches of all ranks at once."""
+
+    @property
+    def loss_local_rows(self) -> int:
+        """Rows of this rank in one loss call: every accumulated micro-batch with gradient caching, else one."""
+        return self.micro_batch_size * (self.grad_accum_steps if self.grad_cache else 1)
 
     @property
     def loss_list_length(self) -> int:
         """N, the length of each ranking list: the whole global batch with gradient caching, else micro × world."""
-        return self.global_batch_size
+        return self.loss_local_rows * self.world_size
 
-    def describe(self, grad_cache: bool) -> str:
-        n = self.global_batch_size if grad_cache else self.micro_batch_size * self.world_size
+    def describe(self) -> str:
         return (
             f"global batch {self.global_batch_size} = micro {self.micro_batch_size} × accum {self.grad_accum_steps}"
-            f" × world {self.world_size}; loss list length N = {n}"
-            + (" (gradient caching: whole global batch)" if grad_cache else " (per micro-step: micro × world)")
+            f" × world {self.world_size}; loss list length N = {self.loss_list_length}"
+            + (" (gradient caching: whole global batch)" if self.grad_cache else " (per micro-step: micro × world)")
         )
 
 
-def resolve_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
+def resolve_batch(optim: OptimConfig, world_size: int) -> BatchSizes:
     """Derive the batch sizes for ``world_size`` data-parallel ranks, or fail naming both numbers."""
     if world_size < 1:
         raise ConfigError(f"world_size={world_size}: must be >= 1")
@@ -58,4 +68,4 @@ def resolve_batch(optim: OptimConfig, world_size: int) -> BatchPlan:
             f"{derived}",
             "set optim.micro_batch_size=null to derive it from the global batch, or make the product match",
         )
-    return BatchPlan(micro, accum, world_size, derived)
+    return BatchSizes(micro, accum, world_size, derived, optim.grad_cache)

@@ -18,12 +18,16 @@ from .sections import Config
 __all__ = [
     "config_from_dict",
     "config_to_dict",
+    "describe_fields",
     "dump_config",
     "field_docs",
     "load_config",
     "parse_overrides",
     "save_config",
+    "section_from_dict",
 ]
+
+SectionT = typing.TypeVar("SectionT")
 
 
 def _type_name(tp: Any) -> str:
@@ -35,68 +39,118 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r}: expected {_type_name(tp)}")
+        return _coerce_union(value, tp, args, key)
     if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"choose one of {list(args)}"
-            fail(key, value, f"is not one of {list(args)}", hint)
-        return value
+        return _coerce_literal(value, args, key)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail(key, value, "must be a mapping (a YAML section)", f"write {key}: {{...}} with its fields")
-        return _build(tp, value, key)
+        return _coerce_section(value, tp, key)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            fail(key, value, f"must be a list of {len(args)} values", f"write e.g. {key}: [a, b]")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return _coerce_tuple(value, args, key)
     if origin is list:
-        if not isinstance(value, (list, tuple)):
-            fail(key, value, "must be a list", f"write {key}: [..]")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(value, args[0], key)
     if origin is dict:
-        if not isinstance(value, dict):
-            fail(key, value, "must be a mapping", f"write {key}: {{name: value}}")
-        return dict(value)
+        return _coerce_dict(value, key)
     if tp is Any:
         return value
     if tp is bool:
-        if not isinstance(value, bool):
-            fail(key, value, "must be true or false", f"write {key}: true")
-        return value
+        return _coerce_bool(value, key)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            fail(key, value, "must be an integer", f"write {key} as a whole number")
-        return value
+        return _coerce_int(value, key)
     if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "5e-4" (no dot) as a string; accept any text Python parses as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(key, value, "must be a number", f"write {key} as a number, e.g. 5e-4")
-        return float(value)
+        return _coerce_float(value, key)
     if tp is str:
-        if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            fail(key, value, "must be a string", f"quote the value of {key}")
-        return value
+        return _coerce_str(value, key)
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module, not a user error
+
+
+def _coerce_union(value: Any, tp: Any, args: tuple, key: str) -> Any:
+    """``X | Y | None``: None when allowed, else the first member type that accepts ``value``."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r}: expected {_type_name(tp)}")
+
+
+def _coerce_literal(value: Any, args: tuple, key: str) -> Any:
+    """``Literal[...]``: one of the listed values, with a "did you mean" hint otherwise."""
+    if value not in args:
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose one of {list(args)}"
+        fail(key, value, f"is not one of {list(args)}", hint)
+    return value
+
+
+def _coerce_section(value: Any, cls: type, key: str) -> Any:
+    """A nested dataclass: built from a mapping (a YAML section)."""
+    if not isinstance(value, dict):
+        fail(key, value, "must be a mapping (a YAML section)", f"write {key}: {{...}} with its fields")
+    return _build(cls, value, key)
+
+
+def _coerce_tuple(value: Any, args: tuple, key: str) -> tuple:
+    """``tuple[A, B, ...]``: a list of exactly that many values, each coerced to its type."""
+    if not isinstance(value, (list, tuple)) or len(value) != len(args):
+        fail(key, value, f"must be a list of {len(args)} values", f"write e.g. {key}: [a, b]")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+
+
+def _coerce_list(value: Any, item_tp: Any, key: str) -> list:
+    """``list[T]``: a list (or tuple) whose items are coerced to ``T``."""
+    if not isinstance(value, (list, tuple)):
+        fail(key, value, "must be a list", f"write {key}: [..]")
+    return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_dict(value: Any, key: str) -> dict:
+    """``dict[...]``: any mapping, copied; its values are not checked."""
+    if not isinstance(value, dict):
+        fail(key, value, "must be a mapping", f"write {key}: {{name: value}}")
+    return dict(value)
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    """A YAML boolean; no truthy numbers or strings."""
+    if not isinstance(value, bool):
+        fail(key, value, "must be true or false", f"write {key}: true")
+    return value
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    """An integer, or a float with no fractional part; never a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        fail(key, value, "must be an integer", f"write {key} as a whole number")
+    return value
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    """A number, or text Python parses as one; never a boolean."""
+    if isinstance(value, str):
+        # YAML 1.1 reads "5e-4" (no dot) as a string; accept any text Python parses as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(key, value, "must be a number", f"write {key} as a number, e.g. 5e-4")
+    return float(value)
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    """A string; an unquoted number (not a boolean) is turned into its text."""
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        fail(key, value, "must be a string", f"quote the value of {key}")
+    return value
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -146,6 +200,13 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(data).__name__}")
     return _build(Config, data)
+
+
+def section_from_dict(cls: type[SectionT], data: Any, key: str) -> SectionT:
+    """Build and validate one config section ``cls`` (e.g. :class:`~rankclip_ds.model.config.ModelConfig`) from
+    nested plain data, alone: errors name the dotted keys under ``key`` (``model.image.name``) as in a whole
+    config, and no other section is read or checked."""
+    return _coerce(data, cls, key)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -263,3 +324,20 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def describe_fields(cls: type | None = None, prefix: str = "") -> str:
+    """Every field of the config (``--section.key``), its default and its docstring: ``train.py --help-config``."""
+    import dataclasses
+
+    from .sections import Config
+
+    cls = Config if cls is None else cls
+    docs, hints, lines = field_docs(cls), typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(describe_fields(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"--{prefix}{f.name} (default {default!r})\n    {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -17,7 +17,6 @@ every batch they hand over (see :mod:`rankclip_ds.data.skips`).
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 from collections.abc import Iterator
 
@@ -25,10 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from rankclip_ds.data.decode import DEFAULT_MAX_PIXELS, parse_caption_key
-from rankclip_ds.data.pipeline import RESUME_CURSOR, RESUME_NONE, RESUME_SAMPLES, ShardStream
+from rankclip_ds.data.pipeline import EpochStart, ResumeKind, ShardStream
 from rankclip_ds.data.plan import batches_done_per_worker, plan_epoch
 from rankclip_ds.data.skips import SkipCounter
-from rankclip_ds.data.sources import check_sources_exist, parse_spec, resolve_counts
+from rankclip_ds.data.sources import Source, check_sources_exist, parse_spec, resolve_counts
 
 logger = logging.getLogger(__name__)
 
@@ -41,49 +40,31 @@ class TrainLoader:
         dataset: ShardStream,
         dataloader: DataLoader,
         skips: SkipCounter,
-        state,
+        start: EpochStart,
         *,
         start_epoch: int,
         resume_samples: int,
         batch_size: int,
         num_workers: int,
     ):
-        self.dataset, self.dataloader, self._skips, self._state = dataset, dataloader, skips, state
+        self.dataset, self.dataloader, self._skips, self._start = dataset, dataloader, skips, start
         self.batches_per_epoch = dataset.batches_per_epoch
         self.batch_size = batch_size
         self.num_workers = max(1, num_workers)
         self.epoch = start_epoch
-        self._pending: tuple[int, int, list[tuple[int, int]]] | None = None
+        self._pending: tuple[int, list[tuple[int, int]]] | None = None  # (epoch, (skip, done) per worker)
         if resume_samples:
             self.resume(start_epoch, samples=resume_samples)
-        self._cursors = [0] * self.num_workers
-        self._done = [0] * self.num_workers
-        self._batches = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __iter__(self) -> Iterator[dict]:
         return self.epoch_iter(self.epoch)
 
-    def resume(self, epoch: int, *, samples: int = 0, state: dict | None = None) -> None:
+    def resume(self, epoch: int, *, samples: int = 0) -> None:
         """Positions the next ``epoch_iter(epoch)`` after ``samples`` samples consumed on this rank in that epoch
-        (a multiple of ``batch_size``), or exactly at a ``state_dict()`` taken from this rank's loader."""
-        if state is not None:
-            if len(state["cursors"]) != self.num_workers:
-                raise ValueError(
-                    f"resume state was taken with {len(state['cursors'])} workers, this loader has "
-                    f"{self.num_workers}; resume with samples={state['batches'] * self.batch_size}"
-                )
-            self._pending = (
-                int(state["epoch"]),
-                RESUME_CURSOR,
-                list(zip(state["cursors"], state["done"], strict=True)),
-            )
-            return
+        (a multiple of ``batch_size``)."""
         if samples % self.batch_size:
             raise ValueError(
                 f"resume samples={samples} is not a multiple of batch_size={self.batch_size}: pass "
@@ -93,35 +74,17 @@ class TrainLoader:
         if batches > self.batches_per_epoch:
             raise ValueError(f"resume at {batches} batches but an epoch has {self.batches_per_epoch}")
         done = batches_done_per_worker(batches, self.num_workers)
-        self._pending = (int(epoch), RESUME_SAMPLES, [(d * self.batch_size, d) for d in done])
+        self._pending = (int(epoch), [(d * self.batch_size, d) for d in done])
 
     def epoch_iter(self, epoch: int) -> Iterator[dict]:
         """Iterates the batches of ``epoch`` (the rest of it, if a resume position was set for this epoch)."""
         self.epoch = int(epoch)
-        kind, targets = RESUME_NONE, [(0, 0)] * self.num_workers
-        if self._pending is not None and self._pending[0] == self.epoch:
-            _, kind, targets = self._pending
+        resuming = self._pending is not None and self._pending[0] == self.epoch
+        per_worker = self._pending[1] if resuming else [(0, 0)] * self.num_workers
         self._pending = None
-        self._state[0], self._state[1] = self.epoch, kind
-        for w, (target, done) in enumerate(targets):
-            self._state[2 + 2 * w], self._state[3 + 2 * w] = target, done
-        self._state[2 + 2 * self.num_workers] = sum(d for _, d in targets) % self.num_workers
-        self._done = [d for _, d in targets]
-        self._cursors = [t if kind == RESUME_CURSOR else 0 for t, _ in targets]
-        self._batches = sum(self._done)
-        return self._generate()
-
-    def _generate(self) -> Iterator[dict]:
-        for batch in self.dataloader:
-            w = int(batch.pop("_worker"))
-            self._cursors[w] = int(batch.pop("_cursor"))
-            self._done[w] = int(batch.pop("_done"))
-            self._batches += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        """This rank's exact position: ``{"epoch", "batches", "cursors", "done"}`` (small; save one per rank)."""
-        return {"epoch": self.epoch, "batches": self._batches, "cursors": list(self._cursors), "done": list(self._done)}
+        kind = ResumeKind.AFTER_SAMPLES if resuming else ResumeKind.FROM_START
+        self._start.write(self.epoch, kind, per_worker)
+        return iter(self.dataloader)
 
     def skip_counts(self) -> dict[str, int]:
         """Skipped samples (and ignored members) by reason, summed over this rank's workers since start-up."""
@@ -168,63 +131,24 @@ def build_train_loader(
         shuffle_buffer: samples in each worker's shuffle buffer. max_text_len: token length (padding, truncation).
         caption_key: ``txt`` or ``json:FIELD`` (a field may hold a list: one caption is chosen per epoch).
         start_epoch, resume_samples: the first ``iter()`` starts at this epoch after this many samples consumed on
-            this rank (see :meth:`TrainLoader.resume` for the exact, ``state_dict`` based alternative).
+            this rank (see :meth:`TrainLoader.resume`).
         pin_memory: default: when CUDA is available. max_pixels: decompression-bomb limit per image.
     """
-    if mode not in ("epoch", "resampled"):
-        raise ValueError(f"mode={mode!r}: use 'epoch' or 'resampled'")
-    if not (0 <= rank < world_size):
-        raise ValueError(f"rank={rank} is outside world_size={world_size}")
-    if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
+    _check_loader_args(mode, rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers)
     parse_caption_key(caption_key)
     sources = parse_spec(spec, weights)
     check_sources_exist(sources)
     workers = max(1, num_workers)
-    per_step = world_size * batch_size
     if mode == "epoch":
-        resolve_counts(sources, manifest)
-        urls = [u for s in sources for u in s.urls]
-        counts = [c for s in sources for c in s.counts]
-        plan = plan_epoch(
-            urls,
-            counts,
-            seed=seed,
-            epoch=start_epoch,
-            world_size=world_size,
-            num_workers=workers,
-            batch_size=batch_size,
-        )
-        batches = plan.batches_per_rank
-        logger.info(
-            "epoch mode: %d samples in %d shards, %d batches per rank per epoch, %d samples dropped per epoch",
-            sum(counts),
-            len(urls),
-            batches,
-            plan.dropped,
-        )
-        if len(urls) < world_size * workers:
-            logger.warning(
-                "%d shards for %d ranks × %d workers: shards are split by sample range, which reads some "
-                "shards twice; more shards than rank×worker slots is faster",
-                len(urls),
-                world_size,
-                workers,
-            )
+        batches = _epoch_mode_batches(sources, manifest, seed, start_epoch, world_size, workers, batch_size)
     else:
-        if samples_per_epoch is None:
-            resolve_counts(sources, manifest)
-            samples_per_epoch = sum(c for s in sources for c in s.counts)
-        batches = samples_per_epoch // per_step
-        if batches < 1:
-            raise ValueError(
-                f"samples_per_epoch={samples_per_epoch} is less than one global batch "
-                f"({world_size} ranks × {batch_size}); raise samples_per_epoch"
-            )
+        batches = _resampled_mode_batches(
+            sources, manifest, samples_per_epoch, world_size=world_size, batch_size=batch_size
+        )
     if num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork-safety of HF fast tokenizers in workers
     skips = SkipCounter(shared=True)
-    state = mp.Array("q", 3 + 2 * workers, lock=False)  # epoch, kind, (target, done) per worker, shift
+    start = EpochStart(workers)
     dataset = ShardStream(
         sources,
         mode=mode,
@@ -241,8 +165,106 @@ def build_train_loader(
         caption_key=caption_key,
         max_pixels=max_pixels,
         skips=skips,
-        state=state,
+        start=start,
     )
+    dataloader = _build_dataloader(dataset, num_workers, pin_memory, persistent_workers, prefetch_factor, seed, rank)
+    return TrainLoader(
+        dataset,
+        dataloader,
+        skips,
+        start,
+        start_epoch=start_epoch,
+        resume_samples=resume_samples,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+
+
+def _check_loader_args(mode: str, *, rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
+    """Rejects a mode, rank, batch size or worker count that no loader can be built with."""
+    if mode not in ("epoch", "resampled"):
+        raise ValueError(f"mode={mode!r}: use 'epoch' or 'resampled'")
+    if not (0 <= rank < world_size):
+        raise ValueError(f"rank={rank} is outside world_size={world_size}")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 and num_workers={num_workers} >= 0")
+
+
+def _epoch_mode_batches(
+    sources: list[Source],
+    manifest: str | dict | None,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    workers: int,
+    batch_size: int,
+) -> int:
+    """Batches per rank per epoch in epoch mode: counts the samples (``manifest``), plans ``epoch`` and logs the
+    plan, with a warning when there are fewer shards than rank × worker slots."""
+    resolve_counts(sources, manifest)
+    urls = [u for s in sources for u in s.urls]
+    counts = [c for s in sources for c in s.counts]
+    plan = plan_epoch(
+        urls,
+        counts,
+        seed=seed,
+        epoch=epoch,
+        world_size=world_size,
+        num_workers=workers,
+        batch_size=batch_size,
+    )
+    batches = plan.batches_per_rank
+    logger.info(
+        "epoch mode: %d samples in %d shards, %d batches per rank per epoch, %d samples dropped per epoch",
+        sum(counts),
+        len(urls),
+        batches,
+        plan.dropped,
+    )
+    if len(urls) < world_size * workers:
+        logger.warning(
+            "%d shards for %d ranks × %d workers: shards are split by sample range, which reads some "
+            "shards twice; more shards than rank×worker slots is faster",
+            len(urls),
+            world_size,
+            workers,
+        )
+    return batches
+
+
+def _resampled_mode_batches(
+    sources: list[Source],
+    manifest: str | dict | None,
+    samples_per_epoch: int | None,
+    *,
+    world_size: int,
+    batch_size: int,
+) -> int:
+    """Batches per rank in a virtual epoch of resampled mode: ``samples_per_epoch`` (default: the counted total)
+    over the global batch; at least one global batch is required."""
+    if samples_per_epoch is None:
+        resolve_counts(sources, manifest)
+        samples_per_epoch = sum(c for s in sources for c in s.counts)
+    batches = samples_per_epoch // (world_size * batch_size)
+    if batches < 1:
+        raise ValueError(
+            f"samples_per_epoch={samples_per_epoch} is less than one global batch "
+            f"({world_size} ranks × {batch_size}); raise samples_per_epoch"
+        )
+    return batches
+
+
+def _build_dataloader(
+    dataset: ShardStream,
+    num_workers: int,
+    pin_memory: bool | None,
+    persistent_workers: bool,
+    prefetch_factor: int,
+    seed: int,
+    rank: int,
+) -> DataLoader:
+    """The ``DataLoader`` over ``dataset`` (already batched: ``batch_size=None``); pins memory by default when CUDA
+    is available."""
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
@@ -250,16 +272,6 @@ def build_train_loader(
     # RNG, so creating one at a resume would shift the stream that dropout draws from, and the resumed steps would
     # differ from the uninterrupted run's (the pipeline's own seeds are integers: see pipeline.py).
     generator = torch.Generator().manual_seed(seed * 1000 + rank)
-    dataloader = DataLoader(
+    return DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=generator, **extra
-    )
-    return TrainLoader(
-        dataset,
-        dataloader,
-        skips,
-        state,
-        start_epoch=start_epoch,
-        resume_samples=resume_samples,
-        batch_size=batch_size,
-        num_workers=num_workers,
     )

@@ -7,15 +7,14 @@ weight (resampled mode); either way it yields exactly its quota of batches, so e
 short, it tops up ("padded") from a second, separately shuffled pass over its own records, then over the epoch's
 shards.
 
-The epoch and the resume position reach the workers through a shared ``multiprocessing`` array that the main process
+The epoch and the resume position reach the workers through :class:`EpochStart`, shared memory that the main process
 writes before each ``iter()``; with persistent workers each new iterator re-reads it.
 
 Resume (epoch mode). A position is (epoch, samples consumed on this rank). The worker replays its shuffled record
 stream without decoding images and discards what was already consumed, so the resumed stream continues with exactly
 the samples an uninterrupted run would have produced. With ``resume_samples`` the replay counts the samples that
 pass the cheap checks (caption, image header, pixel limit): exact unless a skipped-over image had corrupt pixel data
-(then the stream is shifted by that many samples). :meth:`TrainLoader.state_dict` records each worker's exact
-record cursor instead and is exact in every case. Resampled mode does not replay: a resumed epoch yields its
+(then the stream is shifted by that many samples). Resampled mode does not replay: a resumed epoch yields its
 remaining batches from a stream seeded with (seed, epoch, rank, worker, batches done).
 """
 
@@ -24,8 +23,10 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import multiprocessing as mp
 import random
 from collections.abc import Callable, Iterator
+from enum import IntEnum
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -47,7 +48,51 @@ from rankclip_ds.data.sources import Source
 
 logger = logging.getLogger(__name__)
 
-RESUME_NONE, RESUME_SAMPLES, RESUME_CURSOR = 0, 1, 2
+
+class ResumeKind(IntEnum):
+    """How a worker starts its stream in an epoch."""
+
+    FROM_START = 0
+    AFTER_SAMPLES = 1
+    """Replay the stream and discard the first ``skip`` usable samples (what this worker produced before)."""
+
+
+class EpochStart:
+    """Where every worker of this rank starts its next epoch, in shared memory (``multiprocessing.Array``): the
+    DataLoader's workers are forked once (and persist across epochs), so each new iterator reads the position the
+    main process wrote just before it. Per worker: usable samples to skip and batches already done; and the shift
+    of the DataLoader's round robin after a resume."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+        # [epoch, kind, shift, skip_0, done_0, skip_1, done_1, ...]
+        self._array = mp.Array("q", 3 + 2 * num_workers, lock=False)
+
+    def write(self, epoch: int, kind: ResumeKind, per_worker: list[tuple[int, int]]) -> None:
+        """``per_worker[w] = (samples to skip, batches done)``; the round robin continues with the worker after
+        the last batch done (batch n came from logical worker n % W)."""
+        shift = sum(done for _, done in per_worker) % self.num_workers
+        self._array[0], self._array[1], self._array[2] = epoch, int(kind), shift
+        for w, (skip, done) in enumerate(per_worker):
+            self._array[3 + 2 * w], self._array[4 + 2 * w] = skip, done
+
+    @property
+    def epoch(self) -> int:
+        return int(self._array[0])
+
+    @property
+    def kind(self) -> ResumeKind:
+        return ResumeKind(int(self._array[1]))
+
+    @property
+    def shift(self) -> int:
+        return int(self._array[2])
+
+    def of_worker(self, worker: int) -> tuple[int, int]:
+        """``(samples to skip, batches done)`` of logical worker ``worker``."""
+        return int(self._array[3 + 2 * worker]), int(self._array[4 + 2 * worker])
+
+
 TAG_CROP = 5
 
 
@@ -89,7 +134,7 @@ class ShardStream(IterableDataset):
         caption_key: str,
         max_pixels: int,
         skips: SkipCounter,
-        state,
+        start: EpochStart,
     ):
         self.sources = sources
         self.urls = [u for s in sources for u in s.urls]
@@ -99,7 +144,7 @@ class ShardStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_size, self.max_text_len, self.caption_key = shuffle_buffer, max_text_len, caption_key
-        self.max_pixels, self.skips, self.state = max_pixels, skips, state
+        self.max_pixels, self.skips, self.start = max_pixels, skips, start
 
     # ---------------------------------------------------------------- record streams
     def _read_pieces(self, pieces: list[Piece]) -> Iterator[dict]:
@@ -184,25 +229,17 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream was planned for {self.num_workers} workers but runs in {info.num_workers}")
-        epoch, kind, shift = int(self.state[0]), int(self.state[1]), int(self.state[2 + 2 * self.num_workers])
+        epoch, kind = self.start.epoch, self.start.kind
         # The DataLoader always starts its round robin at process 0; after a resume at batch n the canonical order
         # continues with logical worker n % W, so process i plays logical worker (i + shift) % W.
-        worker = ((info.id if info is not None else 0) + shift) % self.num_workers
-        target, done = int(self.state[2 + 2 * worker]), int(self.state[3 + 2 * worker])
+        worker = ((info.id if info is not None else 0) + self.start.shift) % self.num_workers
+        skip, done = self.start.of_worker(worker)
         quota = worker_quotas(self.batches_per_epoch, self.num_workers)[worker]
-        if self.mode == "resampled":
-            stream = self._resampled_stream(epoch, worker, done)
-            cursor = 0
-        else:
-            stream = self._epoch_stream(epoch, worker)
-            cursor = self._fast_forward(stream, kind, target)
+        stream, cursor = self._worker_stream(epoch, worker, kind, skip, done)
         # fast path: ImageTransform gives uint8 arrays, normalised per batch; any other callable gives float tensors
         to_pixels = self.transform.to_array if hasattr(self.transform, "collate") else self.transform
         min_size = getattr(self.transform, "decode_min_size", None)
-        rng = getattr(self.transform, "rng", None)
-        # crops are seeded per record position, so a resumed stream crops exactly as an uninterrupted one
-        seeded = isinstance(rng, random.Random)
-        crop_base = derive_seed(self.seed, epoch, self.rank, worker, TAG_CROP) if seeded else None
+        rng, crop_base = self._crop_seeding(epoch, worker)
         images, texts, keys = [], [], []
         produced = done
         since_valid = 0
@@ -215,59 +252,90 @@ class ShardStream(IterableDataset):
             since_valid += 1
             if since_valid > max(100_000, 4 * sum(self.counts)):
                 raise RuntimeError(f"no usable sample in the last {since_valid} records of {self.urls[:3]}...")
-            usable = self._usable(record)
-            if usable is None:
-                continue
-            captions, img = usable
-            rgb = load_rgb(img, record, self.skips, min_size)
-            if rgb is None:
-                continue
-            try:
-                pixels = to_pixels(rgb)
-            except Exception as exc:
-                self.skips.add("transform_error", record["__url__"], record["__key__"], detail=repr(exc))
+            sample = self._sample(record, padded, to_pixels, min_size, epoch)
+            if sample is None:
                 continue
             since_valid = 0
-            if padded:
-                self.skips.add("padded", record["__url__"], record["__key__"])
-            images.append(pixels)
-            texts.append(choose_caption(captions, record["__key__"], self.seed, epoch))
+            images.append(sample[0])
+            texts.append(sample[1])
             keys.append(record["__key__"])
             if len(images) == self.batch_size:
-                try:
-                    batch = self._collate(images, texts, keys)
-                except Exception as exc:  # a tokenizer failure drops the batch's samples, never the run
-                    self.skips.add(
-                        "transform_error", record["__url__"], record["__key__"], detail=repr(exc), n=len(images)
-                    )
-                    images, texts, keys = [], [], []
+                batch = self._collate_or_skip(images, texts, keys, record)
+                images, texts, keys = [], [], []
+                if batch is None:
                     continue
                 produced += 1
-                batch.update(epoch=epoch, _worker=worker, _cursor=cursor, _done=produced)
-                images, texts, keys = [], [], []
+                batch["epoch"] = epoch
                 self.skips.flush()
                 yield batch
                 if produced >= quota:
                     break
         self.skips.flush()
 
-    def _fast_forward(self, stream: Iterator[tuple[dict, bool]], kind: int, target: int) -> int:
-        """Consumes the part of the stream that was already used before a resume; returns the record cursor."""
-        if kind == RESUME_NONE or target <= 0:
+    def _worker_stream(
+        self, epoch: int, worker: int, kind: ResumeKind, skip: int, done: int
+    ) -> tuple[Iterator[tuple[dict, bool]], int]:
+        """This worker's ``(record, padded)`` stream for ``epoch``, positioned after a resume, and its record
+        cursor: resampled streams restart from their seed at ``done`` batches, epoch streams skip ``skip`` usable
+        samples."""
+        if self.mode == "resampled":
+            return self._resampled_stream(epoch, worker, done), 0
+        stream = self._epoch_stream(epoch, worker)
+        return stream, self._fast_forward(stream, kind, skip)
+
+    def _crop_seeding(self, epoch: int, worker: int) -> tuple[random.Random | None, int | None]:
+        """The transform's ``random.Random`` and the base seed it is re-seeded from at every record (plus the record
+        cursor), or ``(rng, None)`` when the transform has no such generator."""
+        rng = getattr(self.transform, "rng", None)
+        # crops are seeded per record position, so a resumed stream crops exactly as an uninterrupted one
+        seeded = isinstance(rng, random.Random)
+        crop_base = derive_seed(self.seed, epoch, self.rank, worker, TAG_CROP) if seeded else None
+        return rng, crop_base
+
+    def _sample(
+        self, record: dict, padded: bool, to_pixels: Callable, min_size: int | None, epoch: int
+    ) -> tuple[object, str] | None:
+        """``(pixels, caption)`` of a record, or None (counted in the skips) when it has no usable caption or image,
+        or the image fails to decode or transform. A padded record is counted as ``padded`` but still used."""
+        usable = self._usable(record)
+        if usable is None:
+            return None
+        captions, img = usable
+        rgb = load_rgb(img, record, self.skips, min_size)
+        if rgb is None:
+            return None
+        try:
+            pixels = to_pixels(rgb)
+        except Exception as exc:
+            self.skips.add("transform_error", record["__url__"], record["__key__"], detail=repr(exc))
+            return None
+        if padded:
+            self.skips.add("padded", record["__url__"], record["__key__"])
+        return pixels, choose_caption(captions, record["__key__"], self.seed, epoch)
+
+    def _collate_or_skip(self, images: list, texts: list[str], keys: list[str], record: dict) -> dict | None:
+        """The batch of the collected samples, or None when collation fails: a tokenizer failure drops the batch's
+        samples (counted as ``transform_error`` at the last ``record``), never the run."""
+        try:
+            return self._collate(images, texts, keys)
+        except Exception as exc:
+            self.skips.add("transform_error", record["__url__"], record["__key__"], detail=repr(exc), n=len(images))
+            return None
+
+    def _fast_forward(self, stream: Iterator[tuple[dict, bool]], kind: ResumeKind, skip: int) -> int:
+        """Consumes the part of the stream that was already used before a resume (``skip`` usable samples, checked
+        without decoding images); returns the record cursor."""
+        if kind == ResumeKind.FROM_START or skip <= 0:
             return 0
         quiet = SkipCounter(shared=False, warn_first=0, warn_every_s=math.inf)
         cursor = valid = 0
         for record, _ in stream:
             cursor += 1
-            if kind == RESUME_CURSOR:
-                if cursor >= target:
-                    break
-                continue
             if (
                 extract_captions(record, self.caption_key, quiet) is not None
                 and open_image(record, quiet, self.max_pixels) is not None
             ):
                 valid += 1
-                if valid >= target:
+                if valid >= skip:
                     break
         return cursor

@@ -86,7 +86,7 @@ def _max_length(model_path: str) -> int:
     try:
         from rankclip_ds.export import model_source_config
 
-        return int(model_source_config(model_path).model.text.max_length)
+        return int(model_source_config(model_path).text.max_length)
     except Exception as exc:  # a folder without an export config: fall back, and say so
         log.warning("no text max_length in %s (%s); using %d, set --max-length", model_path, exc, DEFAULT_MAX_LENGTH)
         return DEFAULT_MAX_LENGTH
@@ -94,13 +94,8 @@ def _max_length(model_path: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch.distributed as dist
-
     import rankclip_ds
     from rankclip_ds.dist import init_distributed, read_dist_env, setup_logging
-
-    from . import linear_probe_eval, retrieval_eval, zeroshot_eval
-    from .report import format_summary, write_json
 
     info = read_dist_env()
     setup_logging(info)
@@ -108,71 +103,97 @@ def main(argv: list[str] | None = None) -> int:
     device = info.device if args.device == "auto" else args.device
     try:
         model, tokenizer = rankclip_ds.load_model(args.model, device=device, with_tokenizer=True)
-        data_cfg = model.image_tower.data_config()
-        transform = {
-            "image_size": args.image_size or tuple(data_cfg["input_size"][1:]),
-            "mean": tuple(data_cfg["mean"]),
-            "std": tuple(data_cfg["std"]),
-            "crop_pct": args.crop_pct,
-        }
-        common = {
-            "batch_size": args.batch_size,
-            "device": device,
-            "num_workers": args.num_workers,
-            "progress": not args.no_progress,
-            **transform,
-        }
+        common = _common_options(args, model, device)
         max_length = args.max_length or _max_length(args.model)
-        if args.task == "zeroshot":
-            result = zeroshot_eval(
-                model,
-                tokenizer,
-                data=args.data,
-                classnames=args.classnames,
-                templates=args.templates,
-                max_length=max_length,
-                text_batch_size=args.text_batch_size,
-                label_key=args.label_key,
-                **common,
-            )
-        elif args.task == "retrieval":
-            result = retrieval_eval(
-                model,
-                tokenizer,
-                data=args.data,
-                captions=args.captions,
-                max_length=max_length,
-                text_batch_size=args.text_batch_size,
-                **common,
-            )
-        else:
-            result = linear_probe_eval(
-                model,
-                train_data=args.train_data,
-                test_data=args.test_data,
-                classnames=args.classnames,
-                weight_decays=args.weight_decays,
-                val_fraction=args.val_fraction,
-                seed=args.seed,
-                max_iter=args.max_iter,
-                feature=args.feature,
-                label_key=args.label_key,
-                **common,
-            )
+        result = _run_task(args, model, tokenizer, common, max_length)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result["model"] = str(args.model)
     if info.is_main:
-        print(format_summary(result))
-        if args.output:
-            print(f"wrote {write_json(result, args.output)}")
+        _print_result(result, args.output)
+    _close_distributed()
+    return 0
+
+
+def _common_options(args: argparse.Namespace, model, device: str) -> dict:
+    """Keyword arguments shared by every task: batching, device, progress and the eval transform (size, mean and std
+    from the image tower's timm data config unless given)."""
+    data_cfg = model.image_tower.data_config()
+    transform = {
+        "image_size": args.image_size or tuple(data_cfg["input_size"][1:]),
+        "mean": tuple(data_cfg["mean"]),
+        "std": tuple(data_cfg["std"]),
+        "crop_pct": args.crop_pct,
+    }
+    return {
+        "batch_size": args.batch_size,
+        "device": device,
+        "num_workers": args.num_workers,
+        "progress": not args.no_progress,
+        **transform,
+    }
+
+
+def _run_task(args: argparse.Namespace, model, tokenizer, common: dict, max_length: int) -> dict:
+    """Runs ``args.task`` on its data and returns the result dict."""
+    from . import linear_probe_eval, retrieval_eval, zeroshot_eval
+
+    if args.task == "zeroshot":
+        return zeroshot_eval(
+            model,
+            tokenizer,
+            data=args.data,
+            classnames=args.classnames,
+            templates=args.templates,
+            max_length=max_length,
+            text_batch_size=args.text_batch_size,
+            label_key=args.label_key,
+            **common,
+        )
+    if args.task == "retrieval":
+        return retrieval_eval(
+            model,
+            tokenizer,
+            data=args.data,
+            captions=args.captions,
+            max_length=max_length,
+            text_batch_size=args.text_batch_size,
+            **common,
+        )
+    return linear_probe_eval(
+        model,
+        train_data=args.train_data,
+        test_data=args.test_data,
+        classnames=args.classnames,
+        weight_decays=args.weight_decays,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        max_iter=args.max_iter,
+        feature=args.feature,
+        label_key=args.label_key,
+        **common,
+    )
+
+
+def _print_result(result: dict, output: str | None) -> None:
+    """Prints the summary and writes the result JSON to ``output`` when given (rank 0 only)."""
+    from .report import format_summary, write_json
+
+    print(format_summary(result))
+    if output:
+        print(f"wrote {write_json(result, output)}")
+
+
+def _close_distributed() -> None:
+    """Tears the process group down, if one was started, once every rank is done."""
+    import torch.distributed as dist
+
     if dist.is_initialized():
         # Every rank done before any tears its connections down: gloo can abort a process ("terminate called without
         # an active exception") whose peer closes the pairs while its own last transfer is still being processed.
         dist.barrier()
         dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The RankCLIP loss family: CLIP InfoNCE + ListMLE ranking-consistency terms, exact and chunked across ranks.
 
-Public API: :func:`rankclip_loss`, :func:`listmle`, :func:`memory_model`, :func:`official_rank_weight`,
+Public API: :func:`rankclip_loss`, :func:`listmle`, :func:`memory_model`, :func:`epoch_rank_weight`,
 :func:`step_rank_weight`.  Maths, tie-break, log base and measurements: ``docs/loss.md``.
 """
 
@@ -16,16 +16,16 @@ from .exchange import COMMS
 from .listmle import listmle
 from .memory import memory_model
 from .naive import LOGIT_SCALE_MAX, check_max_logit_scale, naive_rankclip_loss, normalise_inputs
-from .schedule import official_rank_weight, step_rank_weight
+from .schedule import epoch_rank_weight, step_rank_weight
 from .topk import topk_rankclip_terms
 
 __all__ = [
     "IMPLS",
     "LOGIT_SCALE_MAX",
     "default_chunk_size",
+    "epoch_rank_weight",
     "listmle",
     "memory_model",
-    "official_rank_weight",
     "rankclip_loss",
     "step_rank_weight",
 ]
@@ -60,7 +60,7 @@ def rankclip_loss(
         logit_scale: 0-d (or 1-element) tensor holding ``log s``, on the embeddings' device.  It is clamped to
             ``ln(max_logit_scale)`` in the forward with ``torch.clamp`` semantics: above the clamp its gradient is
             zero, at or below it passes unchanged.  It stays a device tensor: its value is never read by the host.
-        rank_weight: ``w(t)``, a python float (see :func:`official_rank_weight`, :func:`step_rank_weight`).
+        rank_weight: ``w(t)``, a python float (see :func:`epoch_rank_weight`, :func:`step_rank_weight`).
         lambda_cross, lambda_in: weights of the cross-modal and in-modal ListMLE terms (either may be 0).
         impl: ``"chunked"`` (exact, O(c N) workspace; the default), ``"naive"`` (full N x N reference) or
             ``"top_k"`` (ListMLE over the first ``top_k`` positions of each target order, full denominators,

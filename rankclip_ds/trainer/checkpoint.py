@@ -41,7 +41,6 @@ from .durable import (
     format_bytes,
     fsync_dir,
     fsync_files,
-    fsync_tree,
     fsync_write,
     storage_diagnosis,
 )
@@ -49,14 +48,7 @@ from .errors import CheckpointWriteError, TrainingError
 from .rng import capture_rng_state, restore_rng_state
 from .watchdog import is_collective_failure
 
-__all__ = [
-    "CheckpointManager",
-    "LoadTarget",
-    "capture_rng_state",
-    "convert_to_universal",
-    "read_meta",
-    "restore_rng_state",
-]
+__all__ = ["COMPLETE", "TAG_RE", "UNIVERSAL", "CheckpointManager", "LoadTarget", "read_meta"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +58,7 @@ LATEST = "latest"
 UNIVERSAL = "universal"
 
 
-def _barrier() -> None:
+def barrier_if_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -225,7 +217,7 @@ class CheckpointManager:
                     raise  # a lost peer or a timeout, not a write error: the watchdog names it
                 error = describe(exc)
                 # DeepSpeed's save ends with a barrier that the ranks whose writes succeeded are waiting in.
-                _barrier()
+                barrier_if_distributed()
         error = error or writes.error
         if error is None:
             try:
@@ -253,7 +245,7 @@ class CheckpointManager:
         self._raise_if_any(_gather_errors(error), path, step, previous, stage="while marking it complete")
         if self.rank == 0:
             self._prune(keep=tag)
-        _barrier()
+        barrier_if_distributed()
         log.info("checkpoint saved: %s", path)
         return path
 
@@ -296,7 +288,7 @@ class CheckpointManager:
             return
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # a partial folder only takes space; it is never loaded
-        _barrier()
+        barrier_if_distributed()
         details = "; ".join(f"rank {r}: {e}" for r, e in failed)
         kept = (
             f"the previous complete checkpoint {previous} and the '{LATEST}' pointer are untouched, so "
@@ -355,47 +347,6 @@ class CheckpointManager:
             )
         return LoadTarget(path, meta, universal=True)
 
-    def ensure_universal(self, target: LoadTarget, *, poll_s: float = 2.0, max_wait_s: float = 12 * 3600) -> None:
-        """Rank 0 converts the checkpoint into DeepSpeed's universal form once (``<tag>/universal``, kept for
-        later resumes and pruned with its checkpoint); every rank calls this. The other ranks wait by watching
-        for the result on disk, not in a collective: the conversion of a large model may outlast
-        ``dist.timeout_minutes`` (``tools/convert_checkpoint.py`` does it ahead of time)."""
-        out = target.path / UNIVERSAL
-        failed = target.path / f"{UNIVERSAL}.FAILED"
-        if self.rank == 0:
-            with contextlib.suppress(FileNotFoundError):
-                failed.unlink()  # left by an earlier attempt
-        _barrier()  # no rank reads a stale FAILED marker
-        if self.rank == 0:
-            if not (out / COMPLETE).is_file():
-                try:
-                    convert_to_universal(target.path)
-                except Exception as exc:
-                    with contextlib.suppress(OSError):
-                        fsync_write(failed, describe(exc))
-                    raise self._conversion_error(target, describe(exc)) from exc
-            return
-        start = last_note = time.monotonic()
-        while not (out / COMPLETE).is_file():
-            if failed.is_file():
-                raise self._conversion_error(target, failed.read_text().strip())
-            now = time.monotonic()
-            if now - start > max_wait_s:
-                raise self._conversion_error(target, f"rank 0 did not finish within {max_wait_s / 3600:.0f} h")
-            if now - last_note > 300:
-                log.info("rank %d: waiting for rank 0 to convert %s (%.0f min so far)", self.rank, target.path,
-                         (now - start) / 60)  # fmt: skip
-                last_note = now
-            time.sleep(poll_s)
-
-    @staticmethod
-    def _conversion_error(target: LoadTarget, why: str) -> TrainingError:
-        return TrainingError(
-            f"converting checkpoint {target.path} to DeepSpeed's universal form failed: {why}. Resume with the world "
-            f"size and ZeRO stage it was written with (world_size={target.meta.get('world_size')}, ZeRO stage "
-            f"{target.meta.get('zero_stage')}), or convert it first with tools/convert_checkpoint.py"
-        )
-
     def load(self, engine, target: LoadTarget, *, same_world: bool) -> dict[str, Any]:
         """Load engine, optimizer and scheduler state (and this rank's RNG state when the world size is the
         one the checkpoint was written with); returns the client state."""
@@ -424,48 +375,3 @@ class CheckpointManager:
                 target.meta.get("world_size", "?"),
             )
         return client or {}
-
-
-def convert_to_universal(path: Path) -> Path:
-    """DeepSpeed's ``ds_to_universal`` in this process: ``<path>/universal``, written to a temporary folder and
-    renamed when complete. Returns the universal folder."""
-    out = path / UNIVERSAL
-    import argparse
-    import contextlib
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    log.info("converting checkpoint %s to DeepSpeed's universal form (world size or ZeRO stage changed)", path)
-    args = argparse.Namespace(
-        input_folder=str(path),
-        output_folder=str(partial),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=False,
-    )
-    with contextlib.redirect_stdout(_LogWriter()):
-        ds_to_universal(args)
-    with contextlib.suppress(FileNotFoundError):
-        (path / "latest_universal").unlink()  # written by the converter next to its output; we do not use it
-    fsync_tree(partial)
-    fsync_write(partial / COMPLETE, json.dumps(read_meta(path), sort_keys=True) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    log.info("universal checkpoint written: %s", out)
-    return out
-
-
-class _LogWriter:
-    """File-like sink that sends the converter's prints to the log at DEBUG level."""
-
-    def write(self, text: str) -> int:
-        if text.strip():
-            log.debug("ds_to_universal: %s", text.rstrip())
-        return len(text)
-
-    def flush(self) -> None:
-        pass

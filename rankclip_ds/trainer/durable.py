@@ -76,8 +76,9 @@ def storage_diagnosis(folder: Path) -> str:
 
 
 def format_bytes(n: float) -> str:
+    """``123 B``, ``1.5 KiB`` … ``2.0 TiB``: the one byte format of messages and reports."""
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"

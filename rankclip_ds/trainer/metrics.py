@@ -11,7 +11,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsWriter", "StepTimer", "format_duration", "memory_stats"]
+__all__ = [
+    "MetricsWriter",
+    "StepTimer",
+    "engine_scalars",
+    "format_duration",
+    "format_progress",
+    "format_summary",
+    "memory_stats",
+]
 
 log = logging.getLogger("rankclip_ds.train")
 
@@ -41,6 +49,58 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     except (OSError, ValueError, IndexError):
         pass
     return out
+
+
+def engine_scalars(engine) -> dict[str, float]:
+    """The DeepSpeed engine's learning rate, global gradient norm, fp16 loss scale and skipped steps."""
+    out = {"train/lr": float(engine.get_lr()[0])}
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        out["train/grad_norm"] = float(grad_norm)
+    for attr in ("cur_scale", "loss_scale"):  # fp16's dynamic loss scale, under its name in each ZeRO stage
+        value = getattr(engine.optimizer, attr, None)
+        if isinstance(value, (int, float, torch.Tensor)):
+            out["train/loss_scale"] = float(value)
+            break
+    out["train/skipped_steps"] = float(getattr(engine, "skipped_steps", 0))
+    return out
+
+
+def format_progress(step: int, total: int, s: dict[str, float], eta_s: float) -> str:
+    """The console line of a logging window, from its TensorBoard scalars ``s``."""
+    mem = s.get("memory/cuda_peak_gib", s.get("memory/rss_peak_gib", 0.0))
+    return (
+        f"step {step}/{total} | loss {s['train/loss']:.4f} (clip {s['train/clip']:.4f} cross {s['train/cross']:.2f} "
+        f"in {s['train/inmodal']:.2f}) w {s['train/rank_weight']:.3f} | scale {s['train/logit_scale']:.2f} | "
+        f"lr {s['train/lr']:.2e} | {s.get('perf/samples_per_s', 0.0):.1f} samples/s | "
+        f"data {100 * s.get('perf/data_wait_fraction', 0.0):.0f}% | mem {mem:.2f} GiB | eta {format_duration(eta_s)}"
+    )
+
+
+def format_summary(summary: dict, *, requeue_exit_code: int) -> str:
+    """The end-of-run report: what was trained, how well, and where everything is; or, for a run stopped by a
+    signal, where it stopped and how to continue."""
+    if summary["stopped_by_signal"]:
+        return (
+            f"stopped by signal {summary['stopped_by_signal']} at step {summary['steps']}; checkpoint "
+            f"{summary['checkpoint']}; exit code {requeue_exit_code} (resume with --checkpoint.resume latest)"
+        )
+    lines = ["", "RankCLIP-DS run finished", f"  steps            {summary['steps']} in {summary['seconds']:.0f} s"]
+    ev = summary.get("eval")
+    if ev:
+        lines.append(
+            f"  zero-shot        top-1 {100 * ev['top1']:.1f}% (chance {100 * ev['chance']:.1f}%), "
+            f"top-5 {100 * ev['top5']:.1f}%, mean per class {100 * ev['mean_per_class']:.1f}% "
+            f"on {ev['num_samples']} held-out images of {ev['num_classes']} classes"
+        )
+    run = summary["run_dir"]
+    lines += [
+        f"  run folder       {run} (resolved config: {run}/config.yaml)",
+        f"  TensorBoard      tensorboard --logdir {run}/tb",
+        f"  checkpoint       {summary['checkpoint']}",
+        f"  export           {summary['export']} (rankclip_ds.load_model(path) loads it without DeepSpeed)",
+    ]
+    return "\n".join(lines)
 
 
 class StepTimer:

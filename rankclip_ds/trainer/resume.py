@@ -1,7 +1,7 @@
 """Resuming: which checkpoint, how to load it on this world size, and where the data stream continues.
 
 A checkpoint's ``COMPLETE`` marker records the world size, ZeRO stage, batch and data position it was written
-with (:meth:`Trainer.checkpoint_meta`), so the plan is made before any heavy work: the checkpoint is found, its
+with (:meth:`Trainer.checkpoint_meta`), so the choice is made before any heavy work: the checkpoint is found, its
 global batch compared with this run's, and a world-size (or ZeRO 1↔2) change routed through DeepSpeed's universal
 form, which the engine must be told about when it is built.
 """
@@ -14,10 +14,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..config import BatchPlan, ConfigError
+from ..config import BatchSizes, ConfigError
 from .checkpoint import CheckpointManager, LoadTarget
 
-__all__ = ["agree_resume", "batches_consumed", "plan_resume"]
+__all__ = ["agree_resume", "batches_consumed", "choose_resume"]
 
 log = logging.getLogger("rankclip_ds.train")
 
@@ -26,12 +26,11 @@ def agree_resume(
     ckpt: CheckpointManager,
     resume: str | None,
     *,
-    batch: BatchPlan,
+    batch: BatchSizes,
     zero_stage: int,
-    grad_cache: bool,
     num_workers: int | None = None,
 ) -> LoadTarget | None:
-    """:func:`plan_resume` on rank 0, its choice (or its error) broadcast to every rank: on a shared file system
+    """:func:`choose_resume` on rank 0, its choice (or its error) broadcast to every rank: on a shared file system
     with attribute caching, ranks listing the checkpoint folder could otherwise see different newest checkpoints
     and load different ones."""
     if not resume:
@@ -39,9 +38,7 @@ def agree_resume(
     choice: list[Any] = [None]
     if ckpt.rank == 0:
         try:
-            target = plan_resume(
-                ckpt, resume, batch=batch, zero_stage=zero_stage, grad_cache=grad_cache, num_workers=num_workers
-            )
+            target = choose_resume(ckpt, resume, batch=batch, zero_stage=zero_stage, num_workers=num_workers)
             choice = [("ok", None if target is None else str(target.path))]
             if target is not None and resume != "latest" and target.path.parent.resolve() == ckpt.dir.resolve():
                 # Stepping back in this run (e.g. over a loss spike): its later checkpoints are set aside now, so
@@ -61,13 +58,12 @@ def agree_resume(
     return ckpt.load_target(Path(value), world_size=batch.world_size, zero_stage=zero_stage)
 
 
-def plan_resume(
+def choose_resume(
     ckpt: CheckpointManager,
     resume: str | None,
     *,
-    batch: BatchPlan,
+    batch: BatchSizes,
     zero_stage: int,
-    grad_cache: bool,
     num_workers: int | None = None,
 ) -> LoadTarget | None:
     """The checkpoint ``checkpoint.resume`` names and how to load it here; None to start from scratch. Raises
@@ -86,7 +82,7 @@ def plan_resume(
         raise ConfigError(
             f"optim.global_batch_size: the checkpoint {path} was trained with a global batch of {saved} "
             f"({meta.get('world_size')} ranks × micro {meta.get('micro_batch_size')} × accum "
-            f"{meta.get('grad_accum_steps')}); this run's is {batch.global_batch_size} ({batch.describe(grad_cache)}): "
+            f"{meta.get('grad_accum_steps')}); this run's is {batch.global_batch_size} ({batch.describe()}): "
             f"the step count, schedule and data position would change meaning. Resume with --optim.global_batch_size "
             f"{saved} --optim.micro_batch_size null (or set micro × accum × world = {saved})"
         )
@@ -120,7 +116,7 @@ def plan_resume(
     return target
 
 
-def batches_consumed(client: dict[str, Any], batch: BatchPlan, *, where: object) -> int:
+def batches_consumed(client: dict[str, Any], batch: BatchSizes, *, where: object) -> int:
     """Micro-batches per rank of the checkpoint's epoch already consumed, on this run's world size.
 
     The position is carried as samples consumed in the epoch over all ranks, which the same global batch splits

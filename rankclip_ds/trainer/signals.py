@@ -69,3 +69,9 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()

@@ -5,11 +5,11 @@ others block in their next collective until ``dist.timeout_minutes`` and then fa
 example gloo's ``Timed out waiting 1800000ms for recv operation to complete``: neither the collective nor the stuck
 rank is named, and every rank's log says the same thing. This module supplies the missing facts:
 
-- :class:`Heartbeat`: each rank keeps ``<directory>/rank{rank:05d}.json`` = ``{rank, host, pid, step, phase, time,
-  since, interval_s, alive_interval_s}`` up to date, written atomically and at most every ``min_interval_s`` (cheap
-  on a shared file system). :meth:`Heartbeat.start` adds a daemon thread that keeps rewriting the file while the main
-  thread is blocked in a collective (the backends release the GIL there), so a healthy rank waiting on the stuck one
-  stays fresh, while a dead, stopped or unreachable rank goes silent.
+- :class:`~rankclip_ds.trainer.heartbeat.Heartbeat` (heartbeat.py): each rank keeps ``<directory>/rank{rank:05d}.json``
+  = ``{rank, host, pid, step, phase, time, since, interval_s, alive_interval_s}`` up to date, written atomically and
+  at most every ``min_interval_s`` (cheap on a shared file system), rewritten by a daemon thread while the main thread
+  is blocked in a collective (the backends release the GIL there), so a healthy rank waiting on the stuck one stays
+  fresh, while a dead, stopped or unreachable rank goes silent.
 - :class:`CollectiveTracker`: remembers the collective-bearing phase the rank is in (``enter``, several times a step,
   no I/O unless the heartbeat interval passed) and, through :meth:`CollectiveTracker.guard`, turns a collective
   timeout into a :class:`~rankclip_ds.trainer.errors.CollectiveTimeoutError` naming this rank, the phase, the step,
@@ -37,34 +37,26 @@ sees the exception; the heartbeat files still tell which rank stopped first.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from .errors import CollectiveTimeoutError
+from .heartbeat import Heartbeat, read_heartbeats
 
 __all__ = [
     "CollectiveTracker",
-    "Heartbeat",
     "collective_timeout_error",
     "guard",
     "is_collective_failure",
     "is_collective_timeout",
-    "read_heartbeats",
 ]
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_RE = re.compile(r"^rank(\d+)\.json$")
 CONFIG_KEY = "dist.timeout_minutes"
 
 # Words of a timeout that only a collective backend writes (matched case-insensitively). A bare "timed out" is not
@@ -149,146 +141,6 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- heartbeats
-class Heartbeat:
-    """One rank's heartbeat file ``<directory>/rank{rank:05d}.json``, rewritten atomically (temporary file +
-    ``os.replace``) so a reader never sees half a file.
-
-    :meth:`beat` records the step and phase in memory every time (cheap) and writes at most every ``min_interval_s``
-    unless forced: thousands of ranks renaming files several times a step would load a shared file system's metadata
-    server for nothing. I/O errors never propagate (a full or read-only disk must not kill training for a
-    diagnostic): the first is logged as a warning, later ones at debug level.
-
-    :meth:`start` runs a daemon thread that rewrites the file every ``min_interval_s`` with the latest state. Use it
-    in training: without it, every rank blocked in a collective stops writing, and after a long timeout the healthy
-    waiters look as silent as the stuck rank. ``time`` is when the file was written (the rank is alive), ``since``
-    when the rank entered ``phase`` (its progress).
-    """
-
-    def __init__(self, directory: str | Path, rank: int, *, min_interval_s: float = 10.0) -> None:
-        self.directory = Path(directory)
-        self.rank = rank
-        self.min_interval_s = float(min_interval_s)
-        self.path = self.directory / f"rank{rank:05d}.json"
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self.created = time.time()
-        self._state: tuple[int, str, float] = (-1, "start-up", self.created)  # step, phase, since (wall clock)
-        self._last_write = -math.inf  # time.monotonic() of the last write attempt
-        self._lock = threading.Lock()
-        self._warned = False
-        self._dir_ready = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def step(self) -> int:
-        return self._state[0]
-
-    @property
-    def phase(self) -> str:
-        return self._state[1]
-
-    def beat(self, step: int, phase: str, force: bool = False) -> bool:
-        """Record ``step`` and ``phase``; write the file if ``force`` or ``min_interval_s`` passed since the last
-        write. While the background thread runs, only ``force`` writes here: the thread does the periodic writes,
-        so a hung shared file system stalls the thread, never the training loop. Returns whether it wrote."""
-        old_step, old_phase, since = self._state
-        if step != old_step or phase != old_phase:
-            since = time.time()
-        self._state = (step, phase, since)  # one tuple assignment: the thread never sees a half-updated state
-        if not force and (self._thread is not None or time.monotonic() - self._last_write < self.min_interval_s):
-            return False
-        return self._write()
-
-    def _write(self) -> bool:
-        with self._lock:
-            self._last_write = time.monotonic()
-            step, phase, since = self._state
-            record = {
-                "rank": self.rank,
-                "host": self.host,
-                "pid": self.pid,
-                "step": step,
-                "phase": phase,
-                "time": time.time(),
-                "since": since,
-                "interval_s": self.min_interval_s,
-                "alive_interval_s": self.min_interval_s if self._thread is not None else None,
-            }
-            tmp = self.path.with_name(f"{self.path.name}.tmp{self.pid}")
-            try:
-                if not self._dir_ready:
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                    self._dir_ready = True
-                tmp.write_text(json.dumps(record))
-                os.replace(tmp, self.path)
-            except OSError as exc:
-                self._dir_ready = False  # the folder may have been removed: try to recreate it next time
-                if not self._warned:
-                    self._warned = True
-                    log.warning(
-                        "cannot write heartbeat %s (%s); training continues, but a collective timeout will not be "
-                        "able to name this rank's last step (further heartbeat errors are logged at debug level)",
-                        self.path,
-                        exc,
-                    )
-                else:
-                    log.debug("cannot write heartbeat %s: %s", self.path, exc)
-                return False
-            return True
-
-    def start(self) -> Heartbeat:
-        """Start the daemon thread that keeps the file fresh while the main thread is blocked (idempotent)."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name=f"heartbeat-rank{self.rank}", daemon=True)
-            self._thread.start()
-            self._write()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.min_interval_s):
-            if time.monotonic() - self._last_write >= self.min_interval_s * 0.9:
-                self._write()
-
-    def stop(self) -> None:
-        """Stop the thread (the file stays, with its last state)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stop.set()
-            thread.join(timeout=max(1.0, self.min_interval_s))
-
-    def __enter__(self) -> Heartbeat:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-def read_heartbeats(directory: str | Path | None) -> dict[int, dict[str, Any]]:
-    """Every rank's last heartbeat in ``directory``, by rank; a missing folder or an unreadable file (another
-    writer's temporary file, a foreign file) is skipped, never an error: this runs while reporting another one."""
-    out: dict[int, dict[str, Any]] = {}
-    if directory is None:
-        return out
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return out
-    for name in names:
-        m = HEARTBEAT_RE.match(name)
-        if m is None:
-            continue
-        try:
-            record = json.loads((Path(directory) / name).read_text())
-            float(record["time"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(record, dict):
-            out[int(m.group(1))] = record
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------- the error
 def _fmt_seconds(seconds: float) -> str:
     if seconds < 120:
@@ -338,65 +190,107 @@ def collective_timeout_error(
     what = "lost a peer" if peer_lost else f"timed out after {timeout_minutes:g} min ({CONFIG_KEY})"
     lines = [f"rank {rank} of {world_size} {what} in the collective '{collective}' at step {step}."]
     beats = read_heartbeats(heartbeat_dir)
-    others = [r for r in range(world_size) if r != rank]
-    never = [r for r in others if r not in beats]
-    reported = [r for r in others if r in beats]
     if heartbeat_dir is None:
         lines.append(
             "No heartbeat folder was configured, so the stuck rank cannot be named here; compare the ranks' logs."
         )
     else:
-        behind = [r for r in reported if (beats[r].get("step"), beats[r].get("phase")) != (step, collective)]
-        waiting = len(reported) - len(behind)
-        if behind:
-            head = "Ranks not in this collective, silent longest first; likely stuck or dead"
-            listed = behind
-        elif reported:
-            head = "Every rank that reported was in this collective too; oldest heartbeats first"
-            listed = reported
-        else:
-            head = ""
-            listed = []
-        listed = sorted(listed, key=lambda r: float(beats[r]["time"]))  # silent longest first
-        if listed:
-            lines.append(f"{head} (heartbeats in {heartbeat_dir}):")
-        for r in listed[:max_listed]:
-            b = beats[r]
-            ago = _fmt_seconds(max(0.0, now - float(b["time"])))
-            since = b.get("since")
-            in_phase = f" for {_fmt_seconds(max(0.0, now - float(since)))}" if isinstance(since, (int, float)) else ""
-            stale = (
-                " [heartbeat older than this process: left by an earlier attempt, no report in this one]"
-                if started is not None and float(b["time"]) < started
-                else ""
-            )
-            lines.append(
-                f"  rank {r} on host {b.get('host', '?')} pid {b.get('pid', '?')}: last heartbeat {ago} ago, "
-                f"at step {b.get('step', '?')} in '{b.get('phase', '?')}'{in_phase}{stale}"
-            )
-        if len(listed) > max_listed:
-            lines.append(f"  ... and {len(listed) - max_listed} more: ranks {_rank_list(listed[max_listed:])}")
-        if never:
-            lines.append(
-                f"Never reported (no heartbeat file; likely stuck at start-up or dead): ranks {_rank_list(never)}"
-            )
-        if behind and waiting:
-            lines.append(f"{waiting} other rank(s) were in this collective at step {step} as well (waiting, healthy).")
-    if peer_lost:
-        lines.append(
-            "Fix: a rank died or its node became unreachable; read the logs of the ranks named above (an exception, "
-            "an out-of-memory kill, a node failure) and restart from the latest checkpoint."
+        others = [r for r in range(world_size) if r != rank]
+        lines += _heartbeat_report(
+            beats,
+            others,
+            collective=collective,
+            step=step,
+            heartbeat_dir=heartbeat_dir,
+            started=started,
+            now=now,
+            max_listed=max_listed,
         )
-    else:
-        lines.append(
-            "Fix: look at the logs and the node of the ranks named above (a hung data loader or file system, a dead "
-            "or stopped process, a GPU error, a network fault). If the phase is legitimately slow on some ranks (a "
-            f"long checkpoint write or evaluation while the others wait), raise {CONFIG_KEY} (now {timeout_minutes:g})."
-        )
+    lines.append(_fix_advice(peer_lost, timeout_minutes))
     # The backend's own error, not one raised while it propagated (e.g. a DataLoader worker the launcher killed).
     origin = next((e for e in _chain(exc) if _is_failure_one(e)), exc)
     lines.append(f"Original error: {_short(origin)}")
     return CollectiveTimeoutError("\n".join(lines))
+
+
+def _suspects(
+    beats: dict[int, dict], reported: list[int], *, step: int, collective: str
+) -> tuple[list[int], str, list[int]]:
+    """``(behind, head, listed)``: the reported ranks not in this collective at this step, and the heading and the
+    ranks to list, silent longest first: ``behind``, or when it is empty every reported rank (the stuck one hangs
+    inside the collective)."""
+    behind = [r for r in reported if (beats[r].get("step"), beats[r].get("phase")) != (step, collective)]
+    if behind:
+        head = "Ranks not in this collective, silent longest first; likely stuck or dead"
+        listed = behind
+    elif reported:
+        head = "Every rank that reported was in this collective too; oldest heartbeats first"
+        listed = reported
+    else:
+        head = ""
+        listed = []
+    return behind, head, sorted(listed, key=lambda r: float(beats[r]["time"]))  # silent longest first
+
+
+def _heartbeat_line(r: int, b: dict, *, now: float, started: float | None) -> str:
+    """One listed rank: host, pid, age of its last heartbeat, its step and phase (and for how long), and whether the
+    heartbeat predates this process."""
+    ago = _fmt_seconds(max(0.0, now - float(b["time"])))
+    since = b.get("since")
+    in_phase = f" for {_fmt_seconds(max(0.0, now - float(since)))}" if isinstance(since, (int, float)) else ""
+    stale = (
+        " [heartbeat older than this process: left by an earlier attempt, no report in this one]"
+        if started is not None and float(b["time"]) < started
+        else ""
+    )
+    return (
+        f"  rank {r} on host {b.get('host', '?')} pid {b.get('pid', '?')}: last heartbeat {ago} ago, "
+        f"at step {b.get('step', '?')} in '{b.get('phase', '?')}'{in_phase}{stale}"
+    )
+
+
+def _heartbeat_report(
+    beats: dict[int, dict],
+    others: list[int],
+    *,
+    collective: str,
+    step: int,
+    heartbeat_dir: str | Path,
+    started: float | None,
+    now: float,
+    max_listed: int,
+) -> list[str]:
+    """The lines that name the likely stuck ranks from the heartbeats of the ``others``: the suspects (at most
+    ``max_listed`` in detail), the ranks that never reported, and how many were waiting in the same collective."""
+    lines = []
+    never = [r for r in others if r not in beats]
+    reported = [r for r in others if r in beats]
+    behind, head, listed = _suspects(beats, reported, step=step, collective=collective)
+    waiting = len(reported) - len(behind)
+    if listed:
+        lines.append(f"{head} (heartbeats in {heartbeat_dir}):")
+    lines += [_heartbeat_line(r, beats[r], now=now, started=started) for r in listed[:max_listed]]
+    if len(listed) > max_listed:
+        lines.append(f"  ... and {len(listed) - max_listed} more: ranks {_rank_list(listed[max_listed:])}")
+    if never:
+        lines.append(f"Never reported (no heartbeat file; likely stuck at start-up or dead): ranks {_rank_list(never)}")
+    if behind and waiting:
+        lines.append(f"{waiting} other rank(s) were in this collective at step {step} as well (waiting, healthy).")
+    return lines
+
+
+def _fix_advice(peer_lost: bool, timeout_minutes: float) -> str:
+    """What to do: read the named ranks' logs; for a timeout, also when raising the timeout is the answer."""
+    if peer_lost:
+        return (
+            "Fix: a rank died or its node became unreachable; read the logs of the ranks named above (an exception, "
+            "an out-of-memory kill, a node failure) and restart from the latest checkpoint."
+        )
+    return (
+        "Fix: look at the logs and the node of the ranks named above (a hung data loader or file system, a dead "
+        "or stopped process, a GPU error, a network fault). If the phase is legitimately slow on some ranks (a "
+        f"long checkpoint write or evaluation while the others wait), raise {CONFIG_KEY} (now {timeout_minutes:g})."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the tracker

@@ -40,7 +40,7 @@
 #                                                          (default: 600)
 #   TORCH_FR_BUFFER_SIZE, TORCH_NCCL_DUMP_ON_TIMEOUT, TORCH_NCCL_ENABLE_MONITORING, TORCH_NCCL_ASYNC_ERROR_HANDLING,
 #   TORCH_FR_DUMP_TEMP_FILE  PyTorch's NCCL flight recorder, GPU jobs only (default: 2000, 1, 1, 3 and
-#                   <run folder>/nccl_dumps/rank_, as rankclip_ds/dist.py sets them; see train_job_nccl_diagnostics)
+#                   <run folder>/nccl_dumps/rank_, as rankclip_ds/nccl_diagnostics.py sets them; see train_job_nccl_diagnostics)
 # Arguments after the script name are passed to train.py as overrides (`--optim.lr 1e-3 ...`).
 
 REQUEUE_EXIT_CODE=75 # rankclip_ds/trainer/signals.py: EX_TEMPFAIL, "stopped on request, resume me"
@@ -55,7 +55,7 @@ job_die() {
 }
 
 # export NAME=VALUE, unless NAME or one of the other names PyTorch reads for the same setting is set already: the
-# user's value wins, as in rankclip_ds/dist.py.
+# user's value wins, as in rankclip_ds/nccl_diagnostics.py.
 export_unless_set() {
   local name=$1 value=$2 other
   for other in "$name" "${@:3}"; do
@@ -66,10 +66,10 @@ export_unless_set() {
 
 # PyTorch's NCCL flight recorder, GPU jobs only (gloo reads none of it): on a collective timeout every rank writes
 # its last collectives to <run folder>/nccl_dumps/rank_<rank> before it is torn down; `torchfrtrace <that folder>`
-# reads them. The names and values of rankclip_ds/dist.py's nccl_diagnostics_env, which gives the reason for each
-# from PyTorch 2.14's source. The ranks apply them again (and create the folder) before the NCCL process group
-# exists; exported here as well, they are in the job's log and reach every process of the step under either
-# launcher, whatever its entry point.
+# reads them. The names and values of nccl_diagnostics_env (rankclip_ds/nccl_diagnostics.py), which gives the
+# reason for each from PyTorch 2.14's source. The ranks apply them again (and create the folder) before the NCCL
+# process group exists; exported here as well, they are in the job's log and reach every process of the step under
+# either launcher, whatever its entry point.
 train_job_nccl_diagnostics() {
   local dump_dir=$RUN_DIR/nccl_dumps
   [[ $dump_dir == /* ]] || dump_dir=$PWD/$dump_dir # the ranks' working directory may differ

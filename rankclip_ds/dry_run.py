@@ -1,7 +1,7 @@
-"""The run plan: what a configuration will build, computed without a process group or real allocations.
+"""The dry run: what a configuration will build, computed without a process group or real allocations.
 
-Used by ``train.py --dry-run`` (torchtitan's habit: validate everything and print the plan before any heavy work)
-and by the trainer's start-up banner.
+``train.py --dry-run`` (torchtitan's habit): the pre-flight, then the model built on the meta device, then a report
+of everything a real run would use (batch sizes, DeepSpeed config, parameter counts, FLOPs, the loss's memory).
 """
 
 from __future__ import annotations
@@ -10,48 +10,36 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import BatchPlan, Config, ConfigError, resolve_batch
-from .ds_config import build_deepspeed_config, validate_with_deepspeed
-from .preflight import find_problems
-from .problems import format_problems
+from .config import Config
+from .preflight import preflight
+from .problems import ConfigError, format_problems
+from .resolved import ResolvedRun
+from .trainer.durable import format_bytes
 
-__all__ = ["RunPlan", "build_plan", "format_bytes"]
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+__all__ = ["DryRunReport", "dry_run"]
 
 
 @dataclass
-class RunPlan:
+class DryRunReport:
     """Everything the dry run reports."""
 
-    world_size: int
-    batch: BatchPlan
-    deepspeed: dict[str, Any]
+    run: ResolvedRun
     param_counts: dict[str, int]
     image_model: str
     text_model: str
-    loss_list_length: int
-    loss_local_rows: int
     loss_memory_bytes: int | None
     loss_memory_note: str
     flops_per_sample: int | None = None
     notes: list[str] = field(default_factory=list)
 
     def format(self, cfg: Config) -> str:
-        pc = self.param_counts
-        zero = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        pc, run = self.param_counts, self.run
         lines = [
             "RankCLIP-DS plan (dry run: no process group, model built on the meta device)",
-            f"  world size        {self.world_size}",
-            f"  batch             {self.batch.describe(cfg.optim.grad_cache)}",
-            f"  DeepSpeed         ZeRO stage {zero}, precision {cfg.run.precision}, "
-            f"gradient_clipping {self.deepspeed['gradient_clipping']}",
+            f"  world size        {run.world_size}",
+            f"  batch             {run.batch.describe()}",
+            f"  DeepSpeed         ZeRO stage {run.zero_stage}, precision {cfg.run.precision}, "
+            f"gradient_clipping {run.deepspeed['gradient_clipping']}",
             f"  image tower       {self.image_model}: {pc['image_tower'] / 1e6:.2f} M parameters",
             f"  text tower        {self.text_model}: {pc['text_tower'] / 1e6:.2f} M parameters",
             f"  projections       {pc['projections'] / 1e6:.3f} M parameters (embed dim {cfg.model.embed_dim})",
@@ -71,7 +59,9 @@ class RunPlan:
         else:
             loss = "plain CLIP (ranking terms off)"
         lines.append(f"  loss              {loss}")
-        lines.append(f"  loss list         N = {self.loss_list_length}, local rows b = {self.loss_local_rows}")
+        lines.append(
+            f"  loss list         N = {run.batch.loss_list_length}, local rows b = {run.batch.loss_local_rows}"
+        )
         mem = format_bytes(self.loss_memory_bytes) if self.loss_memory_bytes is not None else "n/a"
         lines.append(f"  loss memory/rank  {mem} ({self.loss_memory_note})")
         sched = cfg.schedule
@@ -84,7 +74,7 @@ class RunPlan:
         lines.append(f"  run folder        {cfg.run.output_dir}/{cfg.run.name}")
         lines.extend(f"  note: {n}" for n in self.notes)
         lines.append("DeepSpeed config (resolved):")
-        lines.append(json.dumps(self.deepspeed, indent=2, sort_keys=True))
+        lines.append(json.dumps(run.deepspeed, indent=2, sort_keys=True))
         return "\n".join(lines)
 
 
@@ -100,13 +90,12 @@ def _speed_settings(cfg: Config) -> str:
     )
 
 
-def _loss_memory(cfg: Config, n: int, world: int, b: int) -> tuple[int | None, str]:
+def _loss_memory(cfg: Config, run: ResolvedRun) -> tuple[int, str]:
     import torch
 
-    try:
-        from .losses import default_chunk_size, memory_model
-    except ImportError:  # pragma: no cover - the loss family ships with the package
-        return None, "loss module unavailable"
+    from .losses import default_chunk_size, memory_model
+
+    n, world, b = run.batch.loss_list_length, run.world_size, run.batch.loss_local_rows
     chunk = cfg.loss.chunk_size or default_chunk_size(n, b)
     dtype = torch.float32  # the loss computes in float32 whatever the training precision
     impl = cfg.loss.impl
@@ -114,48 +103,38 @@ def _loss_memory(cfg: Config, n: int, world: int, b: int) -> tuple[int | None, s
     return est, f"memory_model: impl {impl}, N {n}, P {world}, D {cfg.model.embed_dim}, chunk {chunk}"
 
 
-def build_plan(cfg: Config, ds_json: dict[str, Any], world_size: int, *, source: str = "DeepSpeed JSON") -> RunPlan:
-    """Run the pre-flight, resolve batch sizes and the DeepSpeed config, and build the model on the meta device.
+def dry_run(cfg: Config, ds_json: dict[str, Any], world_size: int, *, source: str = "DeepSpeed JSON") -> DryRunReport:
+    """Run the pre-flight, then build the model on the meta device and report.
 
     Configuration problems fail (all of them in one :class:`ConfigError`, before the model is built). Problems of
     this machine (missing shards, weights, checkpoint; an unwritable run folder; an unsupported precision) become
     notes: a dry run may plan on a machine that is not the one that trains."""
     from .model import build_model
+    from .model.flops import train_flops_per_sample
 
-    problems = find_problems(cfg, ds_json, world_size, ds_source=source)
+    run, problems = preflight(cfg, ds_json, world_size, ds_source=source)
     fatal = [p for p in problems if not p.machine]
     if fatal:
         raise ConfigError(format_problems(fatal))
-    batch = resolve_batch(cfg.optim, world_size)
-    ds = build_deepspeed_config(ds_json, cfg, world_size, source=source)
-    validate_with_deepspeed(ds, source=source)
-    from .model.flops import train_flops_per_sample
-
+    assert run is not None  # the batch and the JSON resolved: their problems are never machine problems
     model = build_model(cfg.model, device="meta")
-    # The loss's list: the whole global batch with gradient caching, else one micro-batch from every rank.
-    n = batch.global_batch_size if cfg.optim.grad_cache else batch.micro_batch_size * world_size
-    b = n // world_size
-    mem, note = _loss_memory(cfg, n, world_size, b)
+    mem, note = _loss_memory(cfg, run)
     notes = [f"not ready on this machine (training here would refuse to start): {p.message}" for p in problems]
     try:
         flops: int | None = train_flops_per_sample(cfg.model)
     except Exception as exc:  # the count is informative; the plan must still print
         flops = None
         notes.append(f"model FLOPs could not be counted ({type(exc).__name__}: {exc}); perf/mfu would not be logged")
-    if not cfg.optim.grad_cache and batch.grad_accum_steps > 1 and cfg.loss.ranking:
+    if not cfg.optim.grad_cache and run.batch.grad_accum_steps > 1 and cfg.loss.ranking:
         notes.append(
             "gradient accumulation without optim.grad_cache: each micro-step's ranking list is only "
-            f"micro × world = {n} items; enable optim.grad_cache for the whole global batch"
+            f"micro × world = {run.batch.loss_list_length} items; enable optim.grad_cache for the whole global batch"
         )
-    return RunPlan(
-        world_size=world_size,
-        batch=batch,
-        deepspeed=ds,
+    return DryRunReport(
+        run=run,
         param_counts=model.param_counts(),
         image_model=cfg.model.image.name,
         text_model=cfg.model.text.name_or_path,
-        loss_list_length=n,
-        loss_local_rows=b,
         loss_memory_bytes=mem,
         loss_memory_note=note,
         flops_per_sample=flops,

@@ -1,0 +1,262 @@
+"""The trainer's build phases, each a plain function of what it needs, called in order by ``Trainer.__init__``:
+
+    start_process → (resume target) → write_run_folder → build_model_for_training → build_train_data
+                  → training_length → build_engine
+
+Nothing here trains; each phase returns what the next ones and the training loop use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import Config, save_config
+from ..dist import DistInfo, init_distributed
+from ..ds_config import optimizer_offloaded
+from ..model import DualEncoder, build_model, build_tokenizer
+from ..resolved import ResolvedRun
+from .checkpoint import CheckpointManager, LoadTarget
+from .heartbeat import Heartbeat
+from .loss import TrainingLength
+from .optim import build_lr_lambda, build_optimizer
+from .tf32 import set_tf32
+from .universal import ensure_universal
+from .watchdog import CollectiveTracker
+
+__all__ = [
+    "ImagePreprocessing",
+    "Process",
+    "build_engine",
+    "build_model_for_training",
+    "build_train_data",
+    "log_run_start",
+    "seed_everything",
+    "start_process",
+    "training_length",
+    "write_run_folder",
+]
+
+log = logging.getLogger("rankclip_ds.train")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch, from one integer (never ``hash``: see docs/data.md)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Process:
+    """This rank's place in the job: its group, device, and the watchdog that names a stuck collective."""
+
+    group: Any
+    """The data-parallel process group, or None for a single process."""
+    device: torch.device
+    heartbeat: Heartbeat | None
+    tracker: CollectiveTracker
+
+
+def start_process(cfg: Config, info: DistInfo, run_dir: Path) -> Process:
+    """The process group (NCCL flight-recorder dumps into the run folder), the device and its TF32 setting, the CPU
+    threads of ranks sharing a host, the initial seed (the same weights on every rank), and the heartbeats that let
+    a collective timeout name the silent ranks."""
+    init_distributed(info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True, diagnostics_dir=run_dir)
+    device = torch.device(info.device)
+    set_tf32(device, cfg.run.tf32)  # CUDA only; the CPU's settings are left alone
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a CPU host split its cores instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    seed_everything(cfg.run.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
+    heartbeat = None
+    if cfg.dist.heartbeat_seconds > 0:
+        heartbeat = Heartbeat(run_dir / "heartbeats", info.rank, min_interval_s=cfg.dist.heartbeat_seconds).start()
+    tracker = CollectiveTracker(
+        rank=info.rank, world_size=info.world_size, timeout_minutes=cfg.dist.timeout_minutes, heartbeat=heartbeat
+    )
+    return Process(dist.group.WORLD if info.distributed else None, device, heartbeat, tracker)
+
+
+def write_run_folder(cfg: Config, info: DistInfo, run_dir: Path) -> None:
+    """The run folder and its resolved ``config.yaml`` (rank 0), once the resume was agreed: a run refused for a
+    checkpoint of another global batch leaves the folder's config as it was."""
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """The image tower's normalisation (timm's ``pretrained_cfg``), used by the training and evaluation transforms."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def build_model_for_training(cfg: Config, info: DistInfo) -> tuple[DualEncoder, Any, ImagePreprocessing]:
+    """The dual encoder on the CPU (``deepspeed.initialize`` moves and partitions it), its tokenizer, and the image
+    preprocessing; then the per-rank seed for data and dropout.
+
+    The full model is built on every rank and partitioned by ``deepspeed.initialize``: pretrained weights load as
+    usual under every stage (``zero.Init`` is needed only for models that do not fit one host's memory, far beyond
+    CLIP sizes)."""
+    tokenizer = build_tokenizer(cfg.model.text.name_or_path)
+    model = build_model(cfg.model, device="cpu")
+    # Lets ds_to_universal convert this run's checkpoints (no tensor parallelism: nothing else to declare).
+    model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
+    data_config = model.image_tower.data_config()  # timm's pretrained_cfg only: safe before partitioning
+    preprocessing = ImagePreprocessing(
+        cfg.model.image.image_size, tuple(data_config["mean"]), tuple(data_config["std"])
+    )
+    seed_everything(cfg.run.seed * 1000 + info.rank + 1)  # data and dropout differ per rank
+    return model, tokenizer, preprocessing
+
+
+def build_train_data(
+    cfg: Config,
+    info: DistInfo,
+    run: ResolvedRun,
+    tokenizer,
+    preprocessing: ImagePreprocessing,
+    device: torch.device,
+    data_factory: Callable[[int, int, int], Any] | None = None,
+):
+    """The training stream of this rank (``data_factory(rank, world, micro)`` replaces it in tests)."""
+    micro = run.batch.micro_batch_size
+    if data_factory is not None:
+        return data_factory(info.rank, info.world_size, micro)
+    from ..data import build_image_transform, build_train_loader
+
+    data = cfg.data
+    transform = build_image_transform(
+        preprocessing.image_size,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        train=True,
+        scale=tuple(data.rrc_scale),
+        hflip=data.hflip,
+    )
+    return build_train_loader(
+        data.train_data,
+        tokenizer=tokenizer,
+        image_transform=transform,
+        batch_size=micro,
+        num_workers=data.num_workers,
+        seed=cfg.run.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        mode=data.mode,
+        samples_per_epoch=data.samples_per_epoch,
+        shuffle_buffer=data.shuffle_buffer,
+        max_text_len=cfg.model.text.max_length,
+        caption_key=data.caption_key,
+        # Pinned batches make the step's non-blocking copies asynchronous; only a CUDA device can use them.
+        pin_memory=data.pin_memory and device.type == "cuda",
+    )
+
+
+def training_length(cfg: Config, batches_per_epoch: int, grad_accum_steps: int) -> TrainingLength:
+    """Optimizer steps per epoch (an epoch's tail that cannot fill a step is skipped), the run's total steps
+    (``schedule.total_steps``, or ``schedule.epochs`` of them) and the epochs that takes."""
+    steps_per_epoch = batches_per_epoch // grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"one epoch has {batches_per_epoch} batches per rank, fewer than optim.grad_accum_steps="
+            f"{grad_accum_steps}: use more data, a smaller batch, or fewer accumulation steps"
+        )
+    sched = cfg.schedule
+    total = sched.total_steps if sched.total_steps is not None else sched.epochs * steps_per_epoch
+    return TrainingLength(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+
+def build_engine(
+    cfg: Config,
+    run: ResolvedRun,
+    model: DualEncoder,
+    length: TrainingLength,
+    process: Process,
+    ckpt: CheckpointManager,
+    resume_target: LoadTarget | None,
+):
+    """AdamW over CLIP's parameter groups, warm-up + cosine, and the DeepSpeed engine around the model.
+
+    The scheduler is handed to ``deepspeed.initialize``, so it is stepped at accumulation boundaries and saved and
+    restored with the engine under every ZeRO stage (one kept outside is not restored under ZeRO-3). A checkpoint
+    of another world size or ZeRO stage is loaded through DeepSpeed's universal form, which the engine must know
+    about when it is built. Returns ``(engine, the torch optimizer inside it)``."""
+    import deepspeed
+
+    ds = dict(run.deepspeed)
+    if resume_target is not None and resume_target.universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    optimizer = build_optimizer(
+        model,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        cpu_offload=optimizer_offloaded(ds),
+        fused=cfg.optim.fused,
+        device=process.device,  # where DeepSpeed keeps the fp32 master partitions the optimizer steps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, build_lr_lambda(length.total_steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)
+    )
+    with process.tracker.guard("engine set-up (parameter broadcast, universal checkpoint conversion)"):
+        if resume_target is not None and resume_target.universal:
+            ensure_universal(resume_target, ckpt.rank)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, dist_init_required=False
+        )
+    return engine, optimizer
+
+
+def log_run_start(
+    cfg: Config,
+    run: ResolvedRun,
+    length: TrainingLength,
+    model: DualEncoder,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    run_dir: Path,
+) -> None:
+    """The start-up banner: the run folder, the batch, the ZeRO stage and length, and the speed settings."""
+    cuda = device.type == "cuda"
+    log.info("run folder %s", run_dir)
+    log.info("%s", run.batch.describe())
+    log.info(
+        "ZeRO stage %d, %s, %d steps (%d per epoch, %d epochs), parameters %s",
+        run.zero_stage,
+        cfg.run.precision,
+        length.total_steps,
+        length.steps_per_epoch,
+        length.epochs,
+        model.param_counts()["total"],
+    )
+    log.info(
+        "speed settings: AdamW %s, model.compile %s, attention image %s / text %s, run.tf32 %s, pin_memory %s",
+        "fused" if optimizer.defaults.get("fused") else type(optimizer).__name__,
+        cfg.model.compile,
+        "sdpa" if cfg.model.image.fused_attn else "eager",
+        cfg.model.text.attn_implementation,
+        cfg.run.tf32 and cuda,
+        cfg.data.pin_memory and cuda,
+    )
+    if cfg.model.compile and run.zero_stage == 3:
+        log.warning(
+            "model.compile under ZeRO-3: DeepSpeed's parameter-gathering hooks on every submodule break the compiled "
+            "towers into per-module pieces (and hit torch._dynamo's recompile limit), so expect little speed-up; "
+            "ZeRO-1/2 compile whole towers (docs/training.md, GPU speed switches)"
+        )
