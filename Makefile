@@ -40,16 +40,20 @@ demo: setup $(DEMO_DATA)
 dry-run: setup
 	$(PY) rankclip_ds/train.py --deepspeed ds_configs/zero2.json --config $(or $(CONFIG),configs/demo_cpu.yaml) --dry-run
 
+# Extra pytest arguments, e.g. PYTEST_ARGS="--durations=15" (CI) or PYTEST_ARGS="-x -k resume".
+PYTEST_ARGS ?=
+
 # Fast default suite (no `slow`, no `gpu` tests).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything that runs on a CPU, slow tests included.
 test-all: setup
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
+# The slow tier alone (what CI runs after `make test`); the `gpu` tests need a GPU (tools/gpu_check.sh).
 test-slow: setup
-	$(PY) -m pytest -q -m "slow"
+	$(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -4,14 +4,15 @@ launcher (torchrun or deepspeed), and records what the tests compare.
     torchrun --nproc_per_node 2 tests/_train_harness.py SPEC.json
 
 SPEC (JSON): ``overrides`` (config overrides list), ``ds`` (DeepSpeed JSON dict), ``out`` (folder for results),
-``pool`` (samples in the fixed dataset), ``probe`` (extra checks: "zero3_logit_scale"), ``signal`` (send a real
-signal to a rank after a step), ``fault`` (storage faults from a step on: ``{"after_step": k, "kind": "fsize",
-"bytes": n}`` caps the size of any file this process writes (RLIMIT_FSIZE: writes beyond it fail with EFBIG, as
-on a full disk), ``"kind": "disk_free"`` makes the free-space query report ``bytes``), ``nan`` (``{"steps": [..],
-"rank": r}``: that rank's first micro-batch of those steps gets NaN images, so the global loss is non-finite),
-``push_logit_scale`` (``{"step": k, "value": v}``: before step k, the optimizer's fp32 master copy of the logit
-scale and the module's copy are set to v, as a scale drifting past ``model.max_logit_scale`` would be; each rank
-then also records the master's final value, read through DeepSpeed's ``safe_get_full_fp32_param``).
+``pool`` (samples in the fixed dataset), ``signal`` (send a real signal to a rank after a step), ``fault`` (storage
+faults from a step on: ``{"after_step": k, "kind": "fsize", "bytes": n}`` caps the size of any file this process
+writes (RLIMIT_FSIZE: writes beyond it fail with EFBIG, as on a full disk), ``"kind": "disk_free"`` makes the
+free-space query report ``bytes``), ``nan`` (``{"steps": [..], "rank": r}``: that rank's first micro-batch of those
+steps gets NaN images, so the global loss is non-finite), ``push_logit_scale`` (``{"step": k, "value": v}``: before
+step k, the optimizer's fp32 master copy of the logit scale and the module's copy are set to v, as a scale drifting
+past ``model.max_logit_scale`` would be; each rank then also records the master's final value, read through
+DeepSpeed's ``safe_get_full_fp32_param``, and whether the parameter is partitioned by ZeRO-3). Nothing here calls
+the clamp: what the records show is what the trainer's own steps did.
 A run that ends in a ``TrainingError`` writes ``{"error": message}`` and exits with 1.
 Each rank writes ``<out>/rank<r>.json`` with the per-step scalars; rank 0 also writes the embeddings of a fixed
 probe batch (``probe_emb.pt``) computed by the live model after training.
@@ -20,7 +21,6 @@ probe batch (``probe_emb.pt``) computed by the live model after training.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -32,6 +32,7 @@ import torch
 
 from rankclip_ds.config import load_config
 from rankclip_ds.dist import read_dist_env, setup_logging
+from rankclip_ds.resolved import resolve_run
 from rankclip_ds.trainer import Trainer, TrainingError
 
 SEQ_LEN = 12
@@ -94,7 +95,7 @@ def main() -> None:
     def factory(rank, world, micro):
         return FixedBatches(pool, rank, world, micro, accum)
 
-    trainer = Trainer(cfg, spec["ds"], info, data_factory=factory)
+    trainer = Trainer(cfg, resolve_run(cfg, spec["ds"], info.world_size), info, data_factory=factory)
     records = []
     step_fn = trainer.train_step
 
@@ -128,15 +129,13 @@ def main() -> None:
         summary = trainer.train()
     except TrainingError as exc:
         (out / f"rank{info.rank}.json").write_text(
-            json.dumps({"error": str(exc), "records": records, "nonfinite_total": trainer.stepper.nonfinite_total})
+            json.dumps({"error": str(exc), "records": records, "nonfinite_total": trainer.nonfinite.total})
         )
         trainer.metrics.close()
         sys.exit(1)
     result = {"records": records, "summary": summary, "world": info.world_size,
-              "nonfinite_total": trainer.stepper.nonfinite_total,
+              "nonfinite_total": trainer.nonfinite.total,
               "skipped_steps": int(getattr(trainer.engine, "skipped_steps", 0))}  # fmt: skip
-
-    import deepspeed
 
     probe = {k: v[:8] for k, v in pool.items()}
     model = trainer.unpartitioned_model()  # a collective under ZeRO-3: every rank calls it
@@ -150,16 +149,9 @@ def main() -> None:
     if push:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        result["master_logit_scale"] = float(safe_get_full_fp32_param(trainer.model.logit_scale))  # a collective
-    if spec.get("probe") == "zero3_logit_scale":
         p = trainer.model.logit_scale
+        result["master_logit_scale"] = float(safe_get_full_fp32_param(p))  # a collective
         result["logit_scale_partitioned"] = bool(getattr(p, "ds_numel", None)) and p.numel() == 0
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-            if info.rank == 0:
-                p.data.fill_(math.log(cfg.model.max_logit_scale) + 1.0)  # push it past the clamp
-        result["before_clamp"] = trainer.logit_scale_value()
-        trainer._clamp_logit_scale()
-        result["after_clamp"] = trainer.logit_scale_value()
     trainer.close()
     (out / f"rank{info.rank}.json").write_text(json.dumps(result, default=str))
     if summary["stopped_by_signal"]:
@@ -177,7 +169,7 @@ def push_logit_scale(trainer: Trainer, value: float) -> None:
     else:
         safe_set_full_fp32_param(p, torch.full((1,), value, device=trainer.device))
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-        if trainer.info.rank == 0 or trainer.zero_stage < 3:
+        if trainer.info.rank == 0 or trainer.run.zero_stage < 3:
             p.data.fill_(value)
 
 

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from rankclip_ds.losses.exchange import BlockLayout, gather_blocks
 from rankclip_ds.trainer.errors import CollectiveTimeoutError
-from rankclip_ds.trainer.watchdog import CollectiveTracker, Heartbeat
+from rankclip_ds.trainer.heartbeat import Heartbeat
+from rankclip_ds.trainer.watchdog import CollectiveTracker
 
 
 def main() -> None:

@@ -139,11 +139,6 @@ BAD_VALUES = [
     (["--loss.impl", "top_k"], "loss.top_k=None", "needs K"),
     (["--loss.top_k", "16"], "loss.top_k=16", "only used by loss.impl=top_k"),
     (["--loss.chunk_size", "0"], "loss.chunk_size=0", "must be > 0"),
-    (
-        ["--loss.chunk_size", "64", "--optim.micro_batch_size", "32"],
-        "loss.chunk_size=64",
-        "larger than the loss's local batch",
-    ),
     (["--loss.impl", "fast"], "loss.impl='fast'", "is not one of"),
     (["--loss.comm", "nccl"], "loss.comm='nccl'", "is not one of"),
     (["--loss.lambda_cross", "0", "--loss.lambda_in", "0"], "loss.ranking=True", "contribute nothing"),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import pickle
 import tarfile
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +71,75 @@ def build_bad_shards(root: Path) -> tuple[str, set[str], set[str]]:
     return spec, good, bad
 
 
-def test_each_bad_input_kind_is_skipped_and_counted(tmp_path):
-    spec, good, bad = build_bad_shards(tmp_path)
+# The reason each bad sample of build_bad_shards is skipped for, each time the loader's stream hands it over.
+REASON_OF_KEY = {
+    "corrupt": "decode_error",
+    "cutjpeg": "decode_error",
+    "zeroimg": "zero_byte",
+    "zerotxt": "zero_byte",
+    "nocaption": "missing_caption",
+    "emptycaption": "empty_caption",
+    "badutf8": "bad_utf8",
+    "noimage": "missing_image",
+    "bomb": "oversized_image",
+}
+
+
+def record_stream_events(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[dict]]:
+    """Logs, from every process (the DataLoader's workers are forked, so they inherit the patches), what the loader
+    reads and uses: each shard read (``open``, and ``end`` when the read ran to its end), each record read from a
+    shard (``read``), and each record the epoch stream hands to decoding (``use``, with its padded flag). Returns
+    a function that collects the events."""
+    from rankclip_ds.data import pipeline
+
+    folder.mkdir()
+    real_iter_records, real_epoch_stream = pipeline.iter_records, pipeline.ShardStream._epoch_stream
+
+    def log(**event) -> None:
+        with open(folder / f"{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def iter_records(url, skips, start=0, stop=None, **kw):
+        log(kind="open", url=url, start=start, stop=stop)
+        for record in real_iter_records(url, skips, start, stop, **kw):
+            log(kind="read", key=record["__key__"])
+            yield record
+        log(kind="end", url=url, start=start, stop=stop)
+
+    def epoch_stream(stream, epoch, worker):
+        for record, padded in real_epoch_stream(stream, epoch, worker):
+            log(kind="use", key=record["__key__"], padded=padded)
+            yield record, padded
+
+    monkeypatch.setattr(pipeline, "iter_records", iter_records)
+    monkeypatch.setattr(pipeline.ShardStream, "_epoch_stream", epoch_stream)
+    return lambda: [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def expected_skip_counts(events: list[dict]) -> Counter:
+    """The counts the loader must report, from what it read and used: one per read of a bad record or of a bad
+    member, counted by the reason the test data was built with (build_bad_shards), never from the library."""
+    expected: Counter = Counter()
+    for e in events:
+        if e["kind"] == "use" and e["key"] in REASON_OF_KEY:
+            expected[REASON_OF_KEY[e["key"]]] += 1
+        elif e["kind"] == "use" and e["padded"]:
+            expected["padded"] += 1  # a good sample from a top-up pass
+        elif e["kind"] == "read" and e["key"].startswith("goodA"):
+            expected["unknown_extension"] += 1  # each goodA record has one .xyz member
+        elif e["kind"] == "open" and e["url"].endswith("missing-000000.tar"):
+            expected["missing_shard"] += 1
+        elif e["kind"] == "end" and e["url"].endswith("trunc-000000.tar") and (e["stop"] is None or e["stop"] > 3):
+            expected["truncated_tar"] += 1  # a read that reached record 3, the one cut in the middle
+    return expected
+
+
+def test_each_bad_input_kind_is_skipped_and_counted(tmp_path, monkeypatch):
+    """Each kind of bad input is skipped, and counted exactly once per time the loader comes across it, under its
+    own reason. Bad samples are met more than once per epoch (the top-up passes that keep every epoch full read the
+    worker's records again), so the expected counts come from a log of what the loader read and used."""
+    spec, good, bad = build_bad_shards(tmp_path / "shards")
+    events = record_stream_events(tmp_path / "events", monkeypatch)
     manifest = {"bad-000000.tar": 16, "trunc-000000.tar": 4, "ok-000000.tar": 6, "missing-000000.tar": 3}
     loader = build_train_loader(
         spec,
@@ -84,31 +155,22 @@ def test_each_bad_input_kind_is_skipped_and_counted(tmp_path):
         persistent_workers=False,
     )
     assert loader.batches_per_epoch == 29 // 2
-    seen = set()
+    seen = []
     for epoch in range(2):
         batches = list(loader.epoch_iter(epoch))
         assert len(batches) == loader.batches_per_epoch, "bad input never shortens an epoch"
-        seen |= {k for b in batches for k in b["key"]}
-    assert not seen & bad
-    assert good <= seen
+        seen += [k for b in batches for k in b["key"]]
+    assert not set(seen) & bad
+    assert good <= set(seen)
     assert {k for k in seen if k.startswith("goodT")} <= {"goodT0", "goodT1", "goodT2"}
-    counts = loader.skip_counts()
-    for reason in (
-        "decode_error",
-        "zero_byte",
-        "missing_caption",
-        "empty_caption",
-        "bad_utf8",
-        "missing_image",
-        "oversized_image",
-        "unknown_extension",
-        "truncated_tar",
-        "missing_shard",
-        "padded",
-    ):
-        assert counts.get(reason, 0) >= 1, (reason, counts)
-    assert counts["decode_error"] >= 2  # garbage bytes and a JPEG cut in half
-    assert counts["zero_byte"] >= 2  # empty image and empty caption
+    log = events()
+    assert {e["kind"] for e in log} == {"open", "read", "end", "use"}, "the workers did not log"
+    # Every good sample the stream handed over is in a batch: the log saw what the loader did.
+    assert sorted(e["key"] for e in log if e["kind"] == "use" and e["key"] not in REASON_OF_KEY) == sorted(seen)
+    expected = expected_skip_counts(log)
+    assert set(expected) == {*REASON_OF_KEY.values(), "unknown_extension", "missing_shard", "truncated_tar",
+                             "padded"}, expected  # fmt: skip
+    assert loader.skip_counts() == dict(expected)
 
 
 def test_bad_json_caption_and_bad_labels_are_counted(tmp_path):

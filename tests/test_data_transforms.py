@@ -40,7 +40,8 @@ def test_bad_arguments_are_named():
 
 
 def test_data_config_from_timm():
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
     cfg = data_config_from_timm(model)
     assert cfg["image_size"] == (224, 224)

@@ -17,16 +17,16 @@ import pytest
 import torch
 from test_slurm_scripts import GPU_JOB_ENV
 
-from conftest import REPO_ROOT, clean_launcher_env, free_port
+from conftest import REPO_ROOT, clean_launcher_env, free_port, skip_unless_ci
 from rankclip_ds.dist import (
     DistEnvError,
     DistInfo,
     expand_slurm_nodelist,
     init_distributed,
-    nccl_diagnostics_env,
     read_dist_env,
     setup_logging,
 )
+from rankclip_ds.nccl_diagnostics import nccl_diagnostics_env
 
 TORCHRUN_ENV = {
     "RANK": "5",
@@ -66,13 +66,18 @@ def test_torchrun_env():
     assert info.backend == "gloo" and info.device == "cpu" and info.distributed and not info.is_main
 
 
-def test_deepspeed_launcher_env():
+def test_deepspeed_launcher_env(monkeypatch):
     info = read_dist_env(DEEPSPEED_ENV, device_type="cuda")
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == (3, 4, 1, 2, 1)
     assert info.launcher == "deepspeed" and info.backend == "nccl"
-    # local rank modulo the visible devices (one per task on sites that bind GPUs to tasks)
-    assert info.device == f"cuda:{1 % max(1, torch.cuda.device_count())}"
     assert (info.master_addr, info.master_port) == ("10.0.0.1", 29500)
+    # The device is the local rank modulo the GPUs this process sees: one per task on sites that bind GPUs to
+    # tasks (CUDA_VISIBLE_DEVICES), all of the node's otherwise.
+    for visible, device in ((8, "cuda:1"), (2, "cuda:1"), (1, "cuda:0"), (0, "cuda:0")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda visible=visible: visible)
+        assert read_dist_env(DEEPSPEED_ENV, device_type="cuda").device == device, visible
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert read_dist_env({**DEEPSPEED_ENV, "LOCAL_RANK": "3", "LOCAL_SIZE": "4"}, "cuda").device == "cuda:1"
 
 
 def test_slurm_env():
@@ -80,7 +85,7 @@ def test_slurm_env():
     assert info.launcher == "slurm"
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size, info.node_rank) == (6, 8, 2, 4, 1)
     assert info.master_addr == "gpu007"
-    assert info.master_port == 20000 + 123456 % 20000  # derived from the job id
+    assert info.master_port == 23456  # 20000 + job id 123456 mod 20000
     info = read_dist_env({**SLURM_ENV, "MASTER_PORT": "1234", "MASTER_ADDR": "x"}, "cpu")
     assert (info.master_addr, info.master_port) == ("x", 1234)
 
@@ -301,7 +306,7 @@ def test_the_nccl_variables_are_read_by_this_torch():
     torch_dir = Path(torch.__file__).parent
     headers = torch_dir / "include" / "torch" / "csrc" / "distributed" / "c10d"
     if not (headers / "ProcessGroupNCCL.hpp").is_file():
-        pytest.skip(f"this torch ships no C++ headers in {headers}")
+        skip_unless_ci(f"this torch ships no C++ headers in {headers}")
     pg_nccl = (headers / "ProcessGroupNCCL.hpp").read_text()
     for name in ("TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_ENABLE_MONITORING", "TORCH_NCCL_TRACE_BUFFER_SIZE"):
         assert f'"{name}"' in pg_nccl, name
@@ -396,10 +401,13 @@ def test_the_trainer_passes_its_run_folder(tmp_path, monkeypatch):
         calls.append(kwargs)
         raise Stop
 
-    monkeypatch.setattr(trainer_module, "init_distributed", init_distributed_stub)
+    from rankclip_ds.resolved import resolve_run
+    from rankclip_ds.trainer import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "init_distributed", init_distributed_stub)
     cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "r1", "--optim.micro_batch_size", "8"])
     with pytest.raises(Stop):
-        trainer_module.Trainer(cfg, {"zero_optimization": {"stage": 2}}, one_process("cpu"))
+        trainer_module.Trainer(cfg, resolve_run(cfg, {"zero_optimization": {"stage": 2}}, 1), one_process("cpu"))
     assert calls and Path(calls[0]["diagnostics_dir"]) == tmp_path / "r1"
 
 

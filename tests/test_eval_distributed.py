@@ -59,7 +59,7 @@ def test_two_ranks_match_one_process(tmp_path):
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    export = save_export(model.state_dict(), cfg, tmp_path / "export")
+    export = save_export(model.state_dict(), cfg.model, tmp_path / "export")
     images = make_images(24, seed=11)
     samples = [{"png": data, "cls": str(label)} for data, label in images]
     for i in (0, 2, 3, 5, 8, 9):  # rank 0's half (records 0-11) loses 6 samples: 2 batches of 4 against 3

@@ -16,10 +16,12 @@ from rankclip_ds.data.synthetic import write_synthetic_dataset
 from rankclip_ds.data.transforms import build_image_transform
 from rankclip_ds.evaluate import (
     build_zeroshot_classifier,
+    extract_image_features,
     linear_probe_eval,
     linear_probe_from_features,
     log_eval,
     open_eval_data,
+    resolve_templates,
     retrieval_eval,
     retrieval_metrics,
     scalar_summary,
@@ -116,11 +118,42 @@ def test_wrapped_and_bf16_models(model, tokenizer, synthetic):
             super().__init__()
             self.module = module
 
-    kw = {**transform_kwargs(model), "data": synthetic["zeroshot_spec"], "batch_size": 32}
+    kw = {
+        **transform_kwargs(model),
+        "data": synthetic["zeroshot_spec"],
+        "templates": synthetic["templates"],
+        "batch_size": 32,
+    }
     assert zeroshot_eval(Engine(model), tokenizer, **kw) == zeroshot_eval(model, tokenizer, **kw)
     half = copy.deepcopy(model).to(torch.bfloat16)  # a bf16 engine's module: inputs are cast to its dtype
     result = zeroshot_eval(half, tokenizer, **kw)
     assert result["num_samples"] == 96 and 0.0 <= result["top1"] <= 1.0
+    # The bf16 model's embeddings are the fp32 model's up to bf16 rounding. bf16 keeps 8 significant bits
+    # (2⁻⁹ ≈ 0.2 % relative per rounding); through the tiny towers the unit-norm class weights and image features
+    # moved by at most 2.3e-3 and 5.9e-3 per entry (three model seeds): tolerance 2e-2. A wrong cast, scale or
+    # normalisation moves them by O(0.1-1).
+    tol = 2e-2
+    templates = resolve_templates(synthetic["templates"])
+    dc = model.image_tower.data_config()
+    transform = build_image_transform(32, mean=dc["mean"], std=dc["std"], train=False)
+    classifiers, images = [], []
+    for m in (model, half):
+        data = open_eval_data(synthetic["zeroshot_spec"], image_transform=transform, batch_size=32)
+        images.append(extract_image_features(m, data, progress=False))
+        classifiers.append(
+            build_zeroshot_classifier(m, tokenizer, data.classnames, templates, max_length=32, progress=False)
+        )
+    assert (classifiers[1] - classifiers[0]).abs().max() <= tol
+    assert images[1].keys == images[0].keys and torch.equal(images[1].labels, images[0].labels)
+    assert images[1].features.dtype == torch.float32
+    assert (images[1].features - images[0].features).abs().max() <= tol
+    # The accuracy follows from those values: top-1 of the bf16 logits, and a prediction changes only where the
+    # fp32 top-1 margin is below twice the logits' largest difference.
+    logits = [f.features @ c.T for f, c in zip(images, classifiers, strict=True)]  # (96, 8) each
+    assert result["top1"] == pytest.approx((logits[1].argmax(1) == images[1].labels).float().mean().item())
+    top2 = logits[0].topk(2, dim=1).values
+    changed = logits[1].argmax(1) != logits[0].argmax(1)
+    assert (top2[changed, 0] - top2[changed, 1] <= 2 * (logits[1] - logits[0]).abs().max()).all()
     with pytest.raises(TypeError, match="has no encode_image/encode_text"):
         zeroshot_eval(torch.nn.Linear(2, 2), tokenizer, **kw)
 
@@ -223,7 +256,7 @@ def test_linear_probe_on_separable_features():
 def test_cli_on_an_export_folder(model, cfg, synthetic, tmp_path, capsys):
     from rankclip_ds.export import save_export
 
-    export = save_export(model.state_dict(), cfg, tmp_path / "export")
+    export = save_export(model.state_dict(), cfg.model, tmp_path / "export")
     out = tmp_path / "zs.json"
     argv = ["zeroshot", "--model", str(export), "--data", synthetic["zeroshot_spec"], "--templates", "openai"]
     assert evaluate_main([*argv, "--batch-size", "32", "--output", str(out), "--no-progress"]) == 0

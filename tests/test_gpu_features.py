@@ -22,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import REPO_ROOT, TINY_MODEL, clean_launcher_env, free_port
-from rankclip_ds.config import ConfigError, LossConfig, load_config
+from rankclip_ds.config import ConfigError, load_config
 from rankclip_ds.model import ImageTower, TextTower, build_model
 from rankclip_ds.model.flops import count_train_flops, train_flops_per_sample
 from rankclip_ds.trainer.metrics import memory_stats
@@ -35,7 +35,7 @@ from rankclip_ds.trainer.mfu import (
     resolve_peak_flops,
 )
 from rankclip_ds.trainer.optim import build_optimizer, place_optimizer_steps, resolve_fused
-from rankclip_ds.trainer.step import StepRunner
+from rankclip_ds.trainer.step import to_device
 from rankclip_ds.trainer.tf32 import set_tf32
 
 
@@ -230,7 +230,7 @@ def test_default_config_builds_sdpa_towers():
 
 # ------------------------------------------------------------------------------------------------ torch.compile
 def test_compiled_towers_give_the_same_embeddings_and_keep_parameter_names():
-    from rankclip_ds.export import architecture_config
+    from rankclip_ds.model import architecture_only
 
     torch.manual_seed(0)
     eager = build_model(tiny_cfg().model).eval()
@@ -248,7 +248,7 @@ def test_compiled_towers_give_the_same_embeddings_and_keep_parameter_names():
         for a, b in zip(compiled(images, ids, mask), eager(images, ids, mask), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # A rebuilt copy (load_model, the ZeRO-3 evaluation copy) is never compiled.
-    assert architecture_config(tiny_cfg("--model.compile", "true")).model.compile is False
+    assert architecture_only(tiny_cfg("--model.compile", "true").model).compile is False
 
 
 def test_checkpointed_towers_compile_without_graph_breaks():
@@ -313,20 +313,17 @@ def test_tf32_leaves_the_cpu_alone(enabled, restore_tf32):
 )
 def test_the_loader_pins_memory_for_a_cuda_device_only(pin, device, pinned, monkeypatch):
     import rankclip_ds.data
-    from rankclip_ds.trainer import Trainer
+    from rankclip_ds.resolved import resolve_run
+    from rankclip_ds.trainer.setup import ImagePreprocessing, build_train_data
 
     seen = {}
     monkeypatch.setattr(rankclip_ds.data, "build_image_transform", lambda *a, **k: None)
     monkeypatch.setattr(rankclip_ds.data, "build_train_loader", lambda *a, **k: seen.update(k) or "loader")
-    trainer = SimpleNamespace(
-        cfg=load_config(None, ["--data.pin_memory", str(pin).lower()]),
-        batch=SimpleNamespace(micro_batch_size=4),
-        info=SimpleNamespace(rank=0, world_size=1),
-        data_cfg={"mean": (0.5,) * 3, "std": (0.5,) * 3},
-        tokenizer=None,
-        device=torch.device(device),
-    )
-    assert Trainer._build_loader(trainer, None) == "loader"
+    cfg = load_config(None, ["--data.pin_memory", str(pin).lower(), "--optim.micro_batch_size", "4"])
+    run = resolve_run(cfg, {"zero_optimization": {"stage": 2}}, 1)
+    info = SimpleNamespace(rank=0, world_size=1)
+    pre = ImagePreprocessing(32, (0.5,) * 3, (0.5,) * 3)
+    assert build_train_data(cfg, info, run, None, pre, torch.device(device)) == "loader"
     assert seen["pin_memory"] is pinned
 
 
@@ -342,12 +339,10 @@ class RecordedCopy:
 
 
 def test_every_batch_tensor_is_copied_non_blocking():
-    runner = StepRunner(SimpleNamespace(optimizer=object()), LossConfig(), group=None, world_size=1,
-                        device=torch.device("cpu"), dtype=torch.bfloat16, micro_batch_size=2)  # fmt: skip
     batch = {"image": torch.randn(2, 3, 4, 4), "input_ids": torch.ones(2, 5, dtype=torch.long),
              "attention_mask": torch.ones(2, 5, dtype=torch.long)}  # fmt: skip
     recorded = {k: RecordedCopy(v) for k, v in batch.items()}
-    images, ids, mask = runner._to_device(recorded)
+    images, ids, mask = to_device(recorded, torch.device("cpu"), torch.bfloat16)
     assert {k: r.copies for k, r in recorded.items()} == {k: [(torch.device("cpu"), True)] for k in batch}
     assert (images.dtype, ids.dtype, mask.dtype) == (torch.bfloat16, torch.long, torch.long)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rankclip_ds.losses import listmle, official_rank_weight, step_rank_weight
+from rankclip_ds.losses import epoch_rank_weight, listmle, step_rank_weight
 from rankclip_ds.losses.listmle import sorted_rows_loss_grad, target_order
 
 
@@ -90,16 +90,16 @@ def test_closed_form_gradient_matches_autograd(shift, weighting):
     assert torch.isfinite(grad).all()
 
 
-def test_official_rank_weight():
-    assert official_rank_weight(1, 10) == 0.0
-    assert official_rank_weight(2, 10) == pytest.approx(1 / 3)
-    assert official_rank_weight(7, 10) == 2.0
-    assert official_rank_weight(10, 10) == 2.0
-    assert official_rank_weight(1, 1) == 2.0  # one epoch: defined, no division by zero
-    assert official_rank_weight(1, 1, w_max=0.5) == 0.5
-    assert official_rank_weight(0, 5) == 0.0
+def test_epoch_rank_weight_is_the_released_ramp():
+    assert epoch_rank_weight(1, 10) == 0.0
+    assert epoch_rank_weight(2, 10) == pytest.approx(1 / 3)
+    assert epoch_rank_weight(7, 10) == 2.0
+    assert epoch_rank_weight(10, 10) == 2.0
+    assert epoch_rank_weight(1, 1) == 2.0  # one epoch: defined, no division by zero
+    assert epoch_rank_weight(1, 1, w_max=0.5) == 0.5
+    assert epoch_rank_weight(0, 5) == 0.0
     with pytest.raises(ValueError, match="epochs"):
-        official_rank_weight(1, 0)
+        epoch_rank_weight(1, 0)
 
 
 def test_step_rank_weight():

@@ -84,19 +84,49 @@ def test_pretrained_text_tower_truncated_to_its_first_layers():
     assert two_params and all(torch.equal(full_params[k], v) for k, v in two_params.items())
 
 
+def count_forwards(modules: list[torch.nn.Module]) -> list[int]:
+    """A list whose entry i counts the forward calls of ``modules[i]`` from now on. A pre-hook: a recomputation in
+    backward stops as soon as it has what backward needs (checkpoint's early stop), before the forward returns."""
+    calls = [0] * len(modules)
+
+    def hook(i: int):
+        def count(*_) -> None:
+            calls[i] += 1
+
+        return count
+
+    for i, module in enumerate(modules):
+        module.register_forward_pre_hook(hook(i))
+    return calls
+
+
 def test_grad_checkpointing_gives_same_gradients(tokenizer):
-    cfg = load_config(None, TINY).model
+    """Checkpointing really happens (each transformer block of both towers runs its forward a second time, during
+    backward, to recompute its activations) and changes no gradient; also when switched on through the config."""
     images, ids, mask = batch(tokenizer)
-    grads = []
-    for ckpt in (False, True):
+    grads, forwards = [], []
+    for ckpt, via_config in ((False, False), (True, False), (True, True)):
+        cfg = load_config(None, [*TINY, "--model.grad_checkpointing", str(via_config).lower()]).model
         torch.manual_seed(0)
         model = build_model(cfg)
-        model.set_grad_checkpointing(ckpt)
+        if not via_config:
+            model.set_grad_checkpointing(ckpt)
         model.train()
+        # The attention of each transformer block (transformers recomputes a layer through its forward, not its
+        # __call__, so hooks on the layer itself do not see the recomputation; those on its children do).
+        blocks = [block.attn for block in model.image_tower.trunk.blocks]
+        blocks += [layer.attention for layer in model.text_tower.encoder.encoder.layer]
+        calls = count_forwards(blocks)
         img, txt, _ = model(images, ids, mask)
+        after_forward = list(calls)
         (img.square().sum() + txt.square().sum()).backward()
+        forwards.append((after_forward, calls))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert len(blocks) == 2  # one ViT block, one BERT layer (the TINY model)
+    assert forwards[0] == ([1, 1], [1, 1])  # without checkpointing: one forward per block
+    assert forwards[1] == forwards[2] == ([1, 1], [2, 2])  # with it: recomputed once in backward
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-4, atol=1e-6)
 
 
 def test_meta_build_allocates_nothing():

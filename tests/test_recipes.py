@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from rankclip_ds.config import Config, ConfigError, load_config
+from rankclip_ds.config import Config, ConfigError, load_config, resolve_batch
 from rankclip_ds.ds_config import build_deepspeed_config, load_deepspeed_json, validate_with_deepspeed
 from rankclip_ds.train import main
 
@@ -36,7 +36,7 @@ def test_recipe_validates(recipe):
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_ds_config_validates_with_deepspeed(path, precision):
     cfg = load_config(None, ["--run.precision", precision])
-    ds = build_deepspeed_config(load_deepspeed_json(path), cfg, world_size=4, source=path)
+    ds = build_deepspeed_config(load_deepspeed_json(path), cfg, resolve_batch(cfg.optim, 4), source=path)
     validate_with_deepspeed(ds, source=path)
     assert ds["train_batch_size"] == 32 * 1 * 4
     assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 1
@@ -55,6 +55,10 @@ def test_paper_recipe_values():
 
 
 BASE = {"zero_optimization": {"stage": 2}}
+
+
+def one_rank():
+    return resolve_batch(Config().optim, 1)
 
 
 @pytest.mark.parametrize(
@@ -82,23 +86,23 @@ BASE = {"zero_optimization": {"stage": 2}}
 def test_ds_json_contradictions_are_rejected(ds_update, match):
     ds = {**copy.deepcopy(BASE), **ds_update}
     with pytest.raises(ConfigError, match=match):
-        build_deepspeed_config(ds, Config(), world_size=2)
+        build_deepspeed_config(ds, Config(), resolve_batch(Config().optim, 2))
 
 
 def test_ds_json_matching_or_auto_batch_fields_are_accepted():
     ds = {**BASE, "train_batch_size": 64, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1}
-    out = build_deepspeed_config(ds, Config(), world_size=2)
+    out = build_deepspeed_config(ds, Config(), resolve_batch(Config().optim, 2))
     assert (out["train_batch_size"], out["train_micro_batch_size_per_gpu"]) == (64, 32)
 
 
 def test_deepspeed_own_validation_catches_unknown_zero_keys():
-    ds = build_deepspeed_config({"zero_optimization": {"stage": 2, "overlap_com": True}}, Config(), 1)
+    ds = build_deepspeed_config({"zero_optimization": {"stage": 2, "overlap_com": True}}, Config(), one_rank())
     with pytest.raises(ConfigError, match=r"DeepSpeed rejects this config.*overlap_com"):
         validate_with_deepspeed(ds)
 
 
 def test_unknown_top_level_key_is_reported(caplog):
-    build_deepspeed_config({**BASE, "zero_optimisation": {"stage": 3}}, Config(), 1)
+    build_deepspeed_config({**BASE, "zero_optimisation": {"stage": 3}}, Config(), one_rank())
     assert "zero_optimisation" in caplog.text
 
 

@@ -1,5 +1,6 @@
-"""The resume plan without DeepSpeed: which checkpoint, direct or universal load, the global-batch check, and the
-data position carried over a world-size change (the multi-process runs are in test_trainer/test_fault_tolerance)."""
+"""Choosing what to resume from, without DeepSpeed: which checkpoint, direct or universal load, the global-batch
+check, and the data position carried over a world-size change (multi-process runs: test_trainer,
+test_fault_tolerance)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 
 import pytest
 
-from rankclip_ds.config import BatchPlan, ConfigError
+from rankclip_ds.config import BatchSizes, ConfigError
 from rankclip_ds.trainer.checkpoint import CheckpointManager
-from rankclip_ds.trainer.resume import batches_consumed, plan_resume
+from rankclip_ds.trainer.resume import batches_consumed, choose_resume
 
 
 def write_checkpoint(root, step: int, **meta) -> None:
@@ -23,8 +24,8 @@ META = {"world_size": 2, "zero_stage": 2, "micro_batch_size": 8, "grad_accum_ste
 
 def plan(tmp_path, world: int, micro: int, stage: int = 2, resume: str = "latest"):
     ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0)
-    batch = BatchPlan(micro, 1, world, micro * world)
-    return plan_resume(ckpt, resume, batch=batch, zero_stage=stage, grad_cache=False)
+    batch = BatchSizes(micro, 1, world, micro * world)
+    return choose_resume(ckpt, resume, batch=batch, zero_stage=stage)
 
 
 def test_no_checkpoint_yet_starts_from_scratch(tmp_path):
@@ -73,13 +74,13 @@ def test_a_path_that_is_not_a_complete_checkpoint_is_refused(tmp_path):
 def test_the_data_position_is_kept_as_global_samples(world, micro, expected):
     # 3 batches of 8 on each of 2 ranks = 48 samples of the epoch, whatever the new split of the global batch 16.
     client = {"samples_in_epoch_per_rank": 24, "world_size": 2, "epoch": 1}
-    assert batches_consumed(client, BatchPlan(micro, 1, world, micro * world), where="ckpt") == expected
+    assert batches_consumed(client, BatchSizes(micro, 1, world, micro * world), where="ckpt") == expected
 
 
 def test_a_data_position_the_new_batch_cannot_split_is_an_error():
     client = {"samples_in_epoch_per_rank": 24, "world_size": 2, "epoch": 1}
     with pytest.raises(ConfigError, match="48 samples of epoch 1 were consumed, which 1 ranks × micro batch 32"):
-        batches_consumed(client, BatchPlan(32, 1, 1, 32), where="ckpt")
+        batches_consumed(client, BatchSizes(32, 1, 1, 32), where="ckpt")
 
 
 def test_stepping_back_sets_the_later_checkpoints_aside_without_deleting_them(tmp_path):
@@ -92,8 +93,7 @@ def test_stepping_back_sets_the_later_checkpoints_aside_without_deleting_them(tm
     from rankclip_ds.trainer.resume import agree_resume
 
     ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0)
-    chosen = agree_resume(ckpt, str(tmp_path / "step_00000003"), batch=BatchPlan(8, 1, 2, 16), zero_stage=2,
-                          grad_cache=False)  # fmt: skip
+    chosen = agree_resume(ckpt, str(tmp_path / "step_00000003"), batch=BatchSizes(8, 1, 2, 16), zero_stage=2)
     assert chosen.path.name == "step_00000003"
     assert ckpt.latest().name == "step_00000003" and ckpt.complete_tags() == ["step_00000003"]
     kept = sorted(p.name.rsplit("_", 1)[0] for p in tmp_path.glob("abandoned_*"))

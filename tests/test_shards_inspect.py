@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
-from test_data_bad_input import build_bad_shards
+from test_data_bad_input import REASON_OF_KEY, build_bad_shards
 from test_data_pipeline import write_shards
 
 from rankclip_ds.data.sources import parse_spec, resolve_counts
@@ -40,16 +41,11 @@ def test_report_manifest_and_grid(tmp_path, capsys):
 
 
 def test_failures_are_reported(tmp_path):
-    spec, _, _ = build_bad_shards(tmp_path)
+    """One pass over every record: each bad sample once, under the reason it was built with, the missing shard
+    and the truncated one once each."""
+    spec, good, bad = build_bad_shards(tmp_path)
     report = inspect_shards.main([spec, "--max-pixels", "10000"])
-    for reason in (
-        "decode_error",
-        "zero_byte",
-        "missing_caption",
-        "bad_utf8",
-        "truncated_tar",
-        "missing_shard",
-        "oversized_image",
-    ):
-        assert report["failures"].get(reason, 0) >= 1, reason
+    assert report["failures"] == {**Counter(REASON_OF_KEY.values()), "missing_shard": 1, "truncated_tar": 1}
+    assert set(REASON_OF_KEY) == bad
     assert report["ignored_members"] == {"unknown_extension": 6}
+    assert report["samples"] == len(good) + len(bad) + 3  # the truncated shard's three complete records

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, clean_launcher_env
+from conftest import REPO_ROOT, clean_launcher_env, skip_unless_ci
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -142,7 +142,7 @@ def test_scripts_parse():
 
 def test_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+        skip_unless_ci("shellcheck not installed (apt-get install -y shellcheck)")
     proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -347,7 +347,7 @@ def test_batch_script_reports_a_failure(fake_bin, tmp_path):
 def test_batch_script_stops_on_a_bad_recipe_before_launching(fake_bin, tmp_path):
     env = job_env(fake_bin, tmp_path, FAKE_SRUN="exit:0", PYTHON=str(Path(REPO_ROOT, ".venv", "bin", "python")))
     if not Path(env["PYTHON"]).is_file():
-        pytest.skip("no .venv in the checkout")
+        skip_unless_ci("no .venv in the checkout (make setup)")
     proc = subprocess.run(
         ["bash", "slurm/train.sbatch", "--optim.no_such_key", "1"],
         env=env,

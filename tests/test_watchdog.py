@@ -17,14 +17,13 @@ import torch.distributed as dist
 from conftest import REPO_ROOT, clean_launcher_env, free_port
 from rankclip_ds.trainer import watchdog
 from rankclip_ds.trainer.errors import CollectiveTimeoutError, TrainingError
+from rankclip_ds.trainer.heartbeat import Heartbeat, read_heartbeats
 from rankclip_ds.trainer.watchdog import (
     CollectiveTracker,
-    Heartbeat,
     collective_timeout_error,
     guard,
     is_collective_failure,
     is_collective_timeout,
-    read_heartbeats,
 )
 
 # What torch 2.14 raised on this machine (gloo, timeout 3 s, the peer asleep or SIGSTOPped; see the module docstring).
