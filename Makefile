@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo demo-data dry-run test test-all test-slow lint format clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml tools/prebuild_ops.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch/torchvision first, by exact version: pip takes them from this machine's local wheels.
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1

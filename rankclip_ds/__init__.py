@@ -1,7 +1,7 @@
 """RankCLIP-DS: DeepSpeed pretraining of RankCLIP dual encoders (contrastive + list-wise ranking consistency).
 
-The library (``losses``, ``model``, ``data``, ``config``, ``dist``) takes plain arguments and never imports the
-trainer; ``rankclip_ds/train.py`` is the entry point.
+The libraries (``config``, ``model``, ``losses``, ``data``, ``evaluate``) take plain arguments and never import the
+trainer, the pre-flight or the entry point; ``rankclip_ds/train.py`` is the entry point (docs/architecture.md).
 """
 
 __version__ = "0.1.0"

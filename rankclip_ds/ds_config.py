@@ -106,15 +106,14 @@ def build_deepspeed_config(
     ``bf16``/``fp16``, ``gradient_clipping``; rejects contradictions with a message that shows both values.
     """
     out = copy.deepcopy(ds)
-    plan = batch
     derived = {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "train_batch_size": batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum_steps,
     }
     cfg_keys = {
-        "train_batch_size": f"optim.global_batch_size = micro {plan.micro_batch_size} × accum "
-        f"{plan.grad_accum_steps} × world {plan.world_size}",
+        "train_batch_size": f"optim.global_batch_size = micro {batch.micro_batch_size} × accum "
+        f"{batch.grad_accum_steps} × world {batch.world_size}",
         "train_micro_batch_size_per_gpu": "optim.micro_batch_size",
         "gradient_accumulation_steps": "optim.grad_accum_steps",
     }

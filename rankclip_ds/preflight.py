@@ -29,7 +29,7 @@ from .model.checks import check_image_tower, check_text_tower
 from .problems import ConfigError, Problem, format_problems, problem_message, suggest
 from .resolved import ResolvedRun
 
-__all__ = ["find_problems", "preflight", "run_preflight"]
+__all__ = ["preflight", "run_preflight"]
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -192,7 +192,7 @@ def _check_train_data(cfg: Config, batch: BatchSizes | None) -> list[Problem]:
     total = None if sources is None or data.mode != "epoch" or batch is None else local_sample_count(sources)
     if total is None:
         return problems  # counting would read tar headers (slow for big datasets); the loader checks later
-    steps_per_epoch = total // (batch.world_size * batch.micro_batch_size) // batch.grad_accum_steps
+    steps_per_epoch = batch.steps_per_epoch(total // batch.samples_per_micro_step)
     if steps_per_epoch < 1:
         problems.append(
             Problem.of(
@@ -370,11 +370,6 @@ def preflight(
         problems.extend(check())
     resolved = ResolvedRun(batch, ds, ds_source) if batch is not None and ds is not None else None
     return resolved, problems
-
-
-def find_problems(cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str) -> list[Problem]:
-    """Every problem the pre-flight finds, in config order; empty when the run may start."""
-    return preflight(cfg, ds_json, world_size, ds_source=ds_source)[1]
 
 
 def run_preflight(cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str) -> ResolvedRun:

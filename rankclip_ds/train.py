@@ -45,18 +45,23 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the entry point with ``argv`` (default ``sys.argv[1:]``); returns the process exit code."""
-    from rankclip_ds.dist import read_dist_env
+    """Run the entry point with ``argv`` (default ``sys.argv[1:]``); returns the process exit code: 0 done, 75 stopped
+    by a signal (requeue), 2 a configuration or launcher-environment mistake, 1 a training error."""
+    from rankclip_ds.dist import DistEnvError, read_dist_env
     from rankclip_ds.trainer.errors import TRAINING_ERROR_EXIT_CODE, TrainingError
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.help_config:
         print(describe_fields())
         return 0
-    info = read_dist_env()
+    try:
+        info = read_dist_env()
+    except DistEnvError as exc:
+        print(f"launcher environment error: {exc}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
     try:
         return _run(args, overrides, info)
-    except ConfigError as exc:  # exit codes: 0 done, 75 stopped by a signal (requeue), 2 config, 1 training error
+    except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return CONFIG_ERROR_EXIT_CODE
     except TrainingError as exc:
@@ -90,12 +95,12 @@ def _run(args: argparse.Namespace, overrides: list[str], info: DistInfo) -> int:
         # Every cheap check, all problems at once, before the process group, the model and the data loader.
         run = run_preflight(cfg, load_deepspeed_json(args.deepspeed), info.world_size, ds_source=args.deepspeed)
         trainer = Trainer(cfg, run, info)
-        failed = True
         try:
             summary = trainer.train(stop)
-            failed = False
-        finally:  # after a failure the ranks may disagree where they are: no barrier, only flush and close
-            trainer.close(barrier=not failed)
+        except BaseException:  # the ranks may disagree where they are: no barrier, only flush and close
+            trainer.close(barrier=False)
+            raise
+        trainer.close()
     if info.is_main:
         print(format_summary(summary, requeue_exit_code=REQUEUE_EXIT_CODE))
     return REQUEUE_EXIT_CODE if summary["stopped_by_signal"] else 0

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO_ROOT, TINY_MODEL, free_port
 from rankclip_ds.config import ConfigError, load_config
 from rankclip_ds.ds_config import load_deepspeed_json
-from rankclip_ds.preflight import find_problems, run_preflight
+from rankclip_ds.preflight import preflight, run_preflight
 from rankclip_ds.train import main
 
 ZERO2 = str(Path(REPO_ROOT, "ds_configs", "zero2.json"))
@@ -393,7 +393,7 @@ def test_good_config_passes_preflight_silently(tmp_path, shards, monkeypatch, ca
     ]:
         monkeypatch.setattr(target, name, refuse(f"{getattr(target, '__name__', target)}.{name}"))
     for world in (1, 2, 4):
-        assert find_problems(cfg, ds_json, world, ds_source=ZERO2) == []
+        assert preflight(cfg, ds_json, world, ds_source=ZERO2)[1] == []
     run = run_preflight(cfg, ds_json, 2, ds_source=ZERO2)  # what the trainer is built from
     assert (run.world_size, run.batch.global_batch_size, run.zero_stage) == (2, 32, 2)
     assert run.deepspeed["train_micro_batch_size_per_gpu"] == 16
@@ -433,7 +433,7 @@ def test_json_mistakes_show_even_when_the_batch_does_not_resolve(tmp_path, shard
     batch = ["--optim.micro_batch_size", "null", "--optim.global_batch_size", "30"]
     cfg = load_config(None, [*base_args(tmp_path, shards), *batch])
     ds = {"zero_optimization": {"stage": 4}, "bf16": {"enabled": True}, "fp16": {"enabled": True}}
-    fields = [p.field for p in find_problems(cfg, ds, 4, ds_source="x.json")]
+    fields = [p.field for p in preflight(cfg, ds, 4, ds_source="x.json")[1]]
     assert fields == [
         "optim.global_batch_size",
         "bf16.enabled / fp16.enabled in x.json",
@@ -528,3 +528,15 @@ def test_trainer_failures_become_exit_codes(outcome, tmp_path, shards, monkeypat
         assert rc == 0, captured.err
         assert made[0].closed
         assert "RankCLIP-DS run finished" in captured.out
+
+
+def test_an_inconsistent_launcher_environment_is_a_message_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    """A launcher environment that cannot be right (here RANK past WORLD_SIZE) is named, without a traceback."""
+    for name, value in {"RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    rc = main(["--deepspeed", ZERO2, "--run.output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("launcher environment error: rank 3 is outside world size 2"), err
+    assert not list(tmp_path.iterdir())

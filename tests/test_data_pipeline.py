@@ -137,8 +137,9 @@ def test_plan_is_equal_and_covers_each_record_once():
 def test_resume_at_epoch_and_samples_continues_exactly(shards, k_batches):
     spec, _ = shards
     full = list(make_loader(spec, rank=1).epoch_iter(1))
-    resumed_loader = make_loader(spec, rank=1, start_epoch=1, resume_samples=k_batches * 4)
-    resumed = list(iter(resumed_loader))
+    resumed_loader = make_loader(spec, rank=1)
+    resumed_loader.resume(1, samples=k_batches * 4)
+    resumed = list(resumed_loader.epoch_iter(1))
     assert [b["key"] for b in resumed] == [b["key"] for b in full[k_batches:]]
     for a, b in zip(resumed, full[k_batches:], strict=True):
         assert torch.equal(a["image"], b["image"]), "random crops are reproduced on resume"
@@ -148,7 +149,7 @@ def test_resume_at_epoch_and_samples_continues_exactly(shards, k_batches):
 
 def test_resume_rejects_a_partial_batch(shards):
     with pytest.raises(ValueError, match="multiple of batch_size"):
-        make_loader(shards[0], resume_samples=6)
+        make_loader(shards[0]).resume(0, samples=6)
 
 
 def test_spec_matching_no_file_is_a_startup_error(tmp_path):

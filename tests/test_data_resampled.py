@@ -80,9 +80,9 @@ def test_equal_batches_per_rank_and_resume(two_sources):
     assert [len(e) for e in epoch3] == [12, 12] and epoch3[0] != epoch3[1]  # each rank draws its own stream
 
     def resumed(done: int) -> tuple[list[list[str]], list[list[str]]]:
-        loader = loader_for(spec_a, rank=1, world_size=2, samples_per_epoch=100, start_epoch=3,
-                            resume_samples=done * 4)  # fmt: skip
-        return [b["key"] for b in iter(loader)], [b["key"] for b in loader.epoch_iter(4)]
+        loader = loader_for(spec_a, rank=1, world_size=2, samples_per_epoch=100)
+        loader.resume(3, samples=done * 4)
+        return [b["key"] for b in loader.epoch_iter(3)], [b["key"] for b in loader.epoch_iter(4)]
 
     rest, next_epoch = resumed(5)
     assert len(rest) == 7 and all(len(keys) == 4 and set(keys) <= source_keys for keys in rest)

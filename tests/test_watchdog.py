@@ -21,7 +21,6 @@ from rankclip_ds.trainer.heartbeat import Heartbeat, read_heartbeats
 from rankclip_ds.trainer.watchdog import (
     CollectiveTracker,
     collective_timeout_error,
-    guard,
     is_collective_failure,
     is_collective_timeout,
 )
@@ -293,14 +292,14 @@ def test_guard_converts_timeouts_and_passes_everything_else(tmp_path):
     tracker = CollectiveTracker(rank=0, world_size=2, timeout_minutes=30, heartbeat=hb)
     tracker.enter("forward", 5)
     original = RuntimeError(GLOO_RECV)
-    with pytest.raises(CollectiveTimeoutError) as info, tracker.guard("stop-flag all_reduce"):
+    with pytest.raises(CollectiveTimeoutError) as info, tracker.guard("stop-flag all_reduce", 5):
         raise original
     assert info.value.__cause__ is original
     assert "'stop-flag all_reduce' at step 5" in str(info.value)
     assert (tracker.phase, tracker.step) == ("stop-flag all_reduce", 5)
 
     other = RuntimeError("DataLoader timed out after 5 seconds")
-    with pytest.raises(RuntimeError) as info, guard(tracker, "data loading", step=6):
+    with pytest.raises(RuntimeError) as info, tracker.guard("data loading", step=6):
         raise other
     assert info.value is other
 
@@ -326,7 +325,7 @@ def test_tracker_enter_does_no_io_within_the_interval(tmp_path):
         for phase in ("forward", "loss ring exchange (forward)", "gradient all-reduce (backward)"):
             tracker.enter(phase, step)
     assert (tmp_path / "rank00000.json").stat().st_mtime_ns == mtime  # no I/O
-    tracker.enter("stop-flag all_reduce", force=True)
+    tracker.enter("stop-flag all_reduce", 1999, force=True)
     record = read_heartbeats(tmp_path)[0]
     assert (record["step"], record["phase"]) == (1999, "stop-flag all_reduce")
 
@@ -409,3 +408,27 @@ def test_real_dead_peer_is_named_too(tmp_path):
     assert msg.startswith("rank 0 of 2 lost a peer in the collective 'stop-flag all_reduce' at step 4."), msg
     assert "  rank 1 on host " in msg and "at step 4 in 'forward'" in msg
     assert "Connection closed by peer" in msg.splitlines()[-1]
+
+
+def test_a_failed_trainer_build_stops_the_heartbeat_thread(tmp_path, monkeypatch):
+    """The heartbeat starts with the run folder; a build phase after it that raises (here the model) must not leave
+    the thread behind (train.py has no trainer to close then)."""
+    import threading
+
+    from rankclip_ds.config import load_config
+    from rankclip_ds.dist import DistInfo
+    from rankclip_ds.resolved import resolve_run
+    from rankclip_ds.trainer import setup as setup_module
+    from rankclip_ds.trainer import trainer as trainer_module
+
+    def no_model(cfg, info):
+        raise RuntimeError("model build failed")
+
+    monkeypatch.setattr(setup_module, "init_distributed", lambda info, **kwargs: None)
+    monkeypatch.setattr(trainer_module, "build_model_for_training", no_model)
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "r", "--optim.micro_batch_size", "8"])
+    info = DistInfo(0, 1, 0, 1, 0, "127.0.0.1", free_port(), "single", "cpu")
+    with pytest.raises(RuntimeError, match="model build failed"):
+        trainer_module.Trainer(cfg, resolve_run(cfg, {"zero_optimization": {"stage": 2}}, 1), info)
+    assert read_heartbeats(tmp_path / "r" / "heartbeats")[0]["phase"] == "start-up"  # it had started
+    assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-rank")]

@@ -26,6 +26,16 @@ class BatchSizes:
     """Gradient caching: the loss sees all accumulated micro-batches of all ranks at once."""
 
     @property
+    def samples_per_micro_step(self) -> int:
+        """Samples of one micro-step over all ranks: micro × world (the unit the data position is counted in)."""
+        return self.micro_batch_size * self.world_size
+
+    def steps_per_epoch(self, batches_per_rank: int) -> int:
+        """Optimizer steps in an epoch of ``batches_per_rank`` micro-batches per rank (the tail that cannot fill a
+        step is skipped)."""
+        return batches_per_rank // self.grad_accum_steps
+
+    @property
     def loss_local_rows(self) -> int:
         """Rows of this rank in one loss call: every accumulated micro-batch with gradient caching, else one."""
         return self.micro_batch_size * (self.grad_accum_steps if self.grad_cache else 1)

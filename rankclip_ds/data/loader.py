@@ -4,6 +4,7 @@ Usage::
 
     loader = build_train_loader("/data/cc3m/{00000..00331}.tar", tokenizer=tok, image_transform=tf, batch_size=256,
                                 num_workers=8, seed=0, rank=rank, world_size=world)
+    loader.resume(start_epoch, samples=samples_done_on_this_rank)  # when resuming mid-epoch
     for epoch in range(start_epoch, epochs):
         for batch in loader.epoch_iter(epoch):   # exactly loader.batches_per_epoch batches, on every rank
             ...
@@ -42,8 +43,6 @@ class TrainLoader:
         skips: SkipCounter,
         start: EpochStart,
         *,
-        start_epoch: int,
-        resume_samples: int,
         batch_size: int,
         num_workers: int,
     ):
@@ -51,16 +50,10 @@ class TrainLoader:
         self.batches_per_epoch = dataset.batches_per_epoch
         self.batch_size = batch_size
         self.num_workers = max(1, num_workers)
-        self.epoch = start_epoch
         self._pending: tuple[int, list[tuple[int, int]]] | None = None  # (epoch, (skip, done) per worker)
-        if resume_samples:
-            self.resume(start_epoch, samples=resume_samples)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
-
-    def __iter__(self) -> Iterator[dict]:
-        return self.epoch_iter(self.epoch)
 
     def resume(self, epoch: int, *, samples: int = 0) -> None:
         """Positions the next ``epoch_iter(epoch)`` after ``samples`` samples consumed on this rank in that epoch
@@ -78,12 +71,12 @@ class TrainLoader:
 
     def epoch_iter(self, epoch: int) -> Iterator[dict]:
         """Iterates the batches of ``epoch`` (the rest of it, if a resume position was set for this epoch)."""
-        self.epoch = int(epoch)
-        resuming = self._pending is not None and self._pending[0] == self.epoch
+        epoch = int(epoch)
+        resuming = self._pending is not None and self._pending[0] == epoch
         per_worker = self._pending[1] if resuming else [(0, 0)] * self.num_workers
         self._pending = None
         kind = ResumeKind.AFTER_SAMPLES if resuming else ResumeKind.FROM_START
-        self._start.write(self.epoch, kind, per_worker)
+        self._start.write(epoch, kind, per_worker)
         return iter(self.dataloader)
 
     def skip_counts(self) -> dict[str, int]:
@@ -108,8 +101,6 @@ def build_train_loader(
     shuffle_buffer: int = 1000,
     max_text_len: int = 77,
     caption_key: str = "txt",
-    start_epoch: int = 0,
-    resume_samples: int = 0,
     pin_memory: bool | None = None,
     persistent_workers: bool = True,
     prefetch_factor: int = 2,
@@ -130,8 +121,6 @@ def build_train_loader(
         weights: per-source weights (instead of ``@WEIGHT`` suffixes). manifest: path or dict shard-name → count.
         shuffle_buffer: samples in each worker's shuffle buffer. max_text_len: token length (padding, truncation).
         caption_key: ``txt`` or ``json:FIELD`` (a field may hold a list: one caption is chosen per epoch).
-        start_epoch, resume_samples: the first ``iter()`` starts at this epoch after this many samples consumed on
-            this rank (see :meth:`TrainLoader.resume`).
         pin_memory: default: when CUDA is available. max_pixels: decompression-bomb limit per image.
     """
     _check_loader_args(mode, rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers)
@@ -140,7 +129,7 @@ def build_train_loader(
     check_sources_exist(sources)
     workers = max(1, num_workers)
     if mode == "epoch":
-        batches = _epoch_mode_batches(sources, manifest, seed, start_epoch, world_size, workers, batch_size)
+        batches = _epoch_mode_batches(sources, manifest, seed, world_size, workers, batch_size)
     else:
         batches = _resampled_mode_batches(
             sources, manifest, samples_per_epoch, world_size=world_size, batch_size=batch_size
@@ -173,8 +162,6 @@ def build_train_loader(
         dataloader,
         skips,
         start,
-        start_epoch=start_epoch,
-        resume_samples=resume_samples,
         batch_size=batch_size,
         num_workers=num_workers,
     )
@@ -194,13 +181,12 @@ def _epoch_mode_batches(
     sources: list[Source],
     manifest: str | dict | None,
     seed: int,
-    epoch: int,
     world_size: int,
     workers: int,
     batch_size: int,
 ) -> int:
-    """Batches per rank per epoch in epoch mode: counts the samples (``manifest``), plans ``epoch`` and logs the
-    plan, with a warning when there are fewer shards than rank × worker slots."""
+    """Batches per rank per epoch in epoch mode (the same in every epoch): counts the samples (``manifest``), plans
+    epoch 0 and logs the plan, with a warning when there are fewer shards than rank × worker slots."""
     resolve_counts(sources, manifest)
     urls = [u for s in sources for u in s.urls]
     counts = [c for s in sources for c in s.counts]
@@ -208,7 +194,7 @@ def _epoch_mode_batches(
         urls,
         counts,
         seed=seed,
-        epoch=epoch,
+        epoch=0,
         world_size=world_size,
         num_workers=workers,
         batch_size=batch_size,

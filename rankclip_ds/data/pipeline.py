@@ -12,7 +12,7 @@ writes before each ``iter()``; with persistent workers each new iterator re-read
 
 Resume (epoch mode). A position is (epoch, samples consumed on this rank). The worker replays its shuffled record
 stream without decoding images and discards what was already consumed, so the resumed stream continues with exactly
-the samples an uninterrupted run would have produced. With ``resume_samples`` the replay counts the samples that
+the samples an uninterrupted run would have produced. The replay counts the samples that
 pass the cheap checks (caption, image header, pixel limit): exact unless a skipped-over image had corrupt pixel data
 (then the stream is shifted by that many samples). Resampled mode does not replay: a resumed epoch yields its
 remaining batches from a stream seeded with (seed, epoch, rank, worker, batches done).

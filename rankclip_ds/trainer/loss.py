@@ -9,23 +9,14 @@ clamp), the schedule's length. The training step then calls ``loss(img, txt, log
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from ..config import LossConfig
 from ..losses import epoch_rank_weight, rankclip_loss, step_rank_weight
+from .setup import TrainingLength
 
-__all__ = ["TrainingLength", "TrainingLoss"]
-
-
-@dataclass(frozen=True)
-class TrainingLength:
-    """How long the run is, in optimizer steps and epochs."""
-
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int
+__all__ = ["TrainingLoss"]
 
 
 class TrainingLoss:

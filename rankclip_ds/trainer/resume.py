@@ -122,7 +122,7 @@ def batches_consumed(client: dict[str, Any], batch: BatchSizes, *, where: object
     The position is carried as samples consumed in the epoch over all ranks, which the same global batch splits
     evenly over any world size (the checkpoint's ``samples_in_epoch_per_rank`` × its world size)."""
     consumed = int(client["samples_in_epoch_per_rank"]) * int(client.get("world_size", batch.world_size))
-    per_batch = batch.micro_batch_size * batch.world_size
+    per_batch = batch.samples_per_micro_step
     if consumed % per_batch:
         raise ConfigError(
             f"{where}: {consumed} samples of epoch {client['epoch']} were consumed, which {batch.world_size} ranks × "

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, save_config
+from ..config import BatchSizes, Config, save_config
 from ..dist import DistInfo, init_distributed
 from ..ds_config import optimizer_offloaded
 from ..model import DualEncoder, build_model, build_tokenizer
+from ..problems import ConfigError
 from ..resolved import ResolvedRun
 from .checkpoint import CheckpointManager, LoadTarget
 from .heartbeat import Heartbeat
-from .loss import TrainingLength
 from .optim import build_lr_lambda, build_optimizer
 from .tf32 import set_tf32
 from .universal import ensure_universal
@@ -37,6 +37,7 @@ from .watchdog import CollectiveTracker
 __all__ = [
     "ImagePreprocessing",
     "Process",
+    "TrainingLength",
     "build_engine",
     "build_model_for_training",
     "build_train_data",
@@ -65,13 +66,14 @@ class Process:
     """The data-parallel process group, or None for a single process."""
     device: torch.device
     heartbeat: Heartbeat | None
+    """Started with the run folder (:func:`write_run_folder`)."""
     tracker: CollectiveTracker
 
 
 def start_process(cfg: Config, info: DistInfo, run_dir: Path) -> Process:
     """The process group (NCCL flight-recorder dumps into the run folder), the device and its TF32 setting, the CPU
-    threads of ranks sharing a host, the initial seed (the same weights on every rank), and the heartbeats that let
-    a collective timeout name the silent ranks."""
+    threads of ranks sharing a host, the initial seed (the same weights on every rank), and the watchdog (its
+    heartbeats start with the run folder, :func:`write_run_folder`)."""
     init_distributed(info, timeout_minutes=cfg.dist.timeout_minutes, single_process=True, diagnostics_dir=run_dir)
     device = torch.device(info.device)
     set_tf32(device, cfg.run.tf32)  # CUDA only; the CPU's settings are left alone
@@ -79,21 +81,20 @@ def start_process(cfg: Config, info: DistInfo, run_dir: Path) -> Process:
         # Ranks sharing a CPU host split its cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
     seed_everything(cfg.run.seed)  # same initial weights on every rank (DeepSpeed also broadcasts them)
-    heartbeat = None
-    if cfg.dist.heartbeat_seconds > 0:
-        heartbeat = Heartbeat(run_dir / "heartbeats", info.rank, min_interval_s=cfg.dist.heartbeat_seconds).start()
-    tracker = CollectiveTracker(
-        rank=info.rank, world_size=info.world_size, timeout_minutes=cfg.dist.timeout_minutes, heartbeat=heartbeat
-    )
-    return Process(dist.group.WORLD if info.distributed else None, device, heartbeat, tracker)
+    tracker = CollectiveTracker(rank=info.rank, world_size=info.world_size, timeout_minutes=cfg.dist.timeout_minutes)
+    return Process(dist.group.WORLD if info.distributed else None, device, None, tracker)
 
 
-def write_run_folder(cfg: Config, info: DistInfo, run_dir: Path) -> None:
-    """The run folder and its resolved ``config.yaml`` (rank 0), once the resume was agreed: a run refused for a
-    checkpoint of another global batch leaves the folder's config as it was."""
+def write_run_folder(cfg: Config, info: DistInfo, run_dir: Path, process: Process) -> None:
+    """The run folder and its resolved ``config.yaml`` (rank 0), and every rank's heartbeat (the file a collective
+    timeout reads to name the silent ranks), once the resume was agreed: a run refused for a checkpoint of another
+    global batch leaves the folder as it was."""
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    if cfg.dist.heartbeat_seconds > 0:
+        hb = Heartbeat(run_dir / "heartbeats", info.rank, min_interval_s=cfg.dist.heartbeat_seconds).start()
+        process.heartbeat = process.tracker.heartbeat = hb
 
 
 @dataclass(frozen=True)
@@ -167,14 +168,23 @@ def build_train_data(
     )
 
 
-def training_length(cfg: Config, batches_per_epoch: int, grad_accum_steps: int) -> TrainingLength:
+@dataclass(frozen=True)
+class TrainingLength:
+    """How long the run is, in optimizer steps and epochs."""
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+
+def training_length(cfg: Config, batches_per_epoch: int, batch: BatchSizes) -> TrainingLength:
     """Optimizer steps per epoch (an epoch's tail that cannot fill a step is skipped), the run's total steps
     (``schedule.total_steps``, or ``schedule.epochs`` of them) and the epochs that takes."""
-    steps_per_epoch = batches_per_epoch // grad_accum_steps
+    steps_per_epoch = batch.steps_per_epoch(batches_per_epoch)
     if steps_per_epoch < 1:
-        raise ValueError(
-            f"one epoch has {batches_per_epoch} batches per rank, fewer than optim.grad_accum_steps="
-            f"{grad_accum_steps}: use more data, a smaller batch, or fewer accumulation steps"
+        raise ConfigError(
+            f"data.train_data: one epoch has {batches_per_epoch} batches per rank, fewer than optim.grad_accum_steps="
+            f"{batch.grad_accum_steps}. Fix: use more data, a smaller batch, or fewer accumulation steps"
         )
     sched = cfg.schedule
     total = sched.total_steps if sched.total_steps is not None else sched.epochs * steps_per_epoch
@@ -214,7 +224,7 @@ def build_engine(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, build_lr_lambda(length.total_steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)
     )
-    with process.tracker.guard("engine set-up (parameter broadcast, universal checkpoint conversion)"):
+    with process.tracker.guard("engine set-up (parameter broadcast, universal checkpoint conversion)", 0):
         if resume_target is not None and resume_target.universal:
             ensure_universal(resume_target, ckpt.rank)
         engine, _, _, _ = deepspeed.initialize(

@@ -12,7 +12,7 @@ import torch
 
 from .errors import TrainingError
 
-__all__ = ["COMPONENTS", "NonFiniteGuard", "NonFiniteLossError", "capture_rng", "restore_rng", "to_device"]
+__all__ = ["COMPONENTS", "NonFiniteGuard", "NonFiniteLossError", "dropout_rng_state", "replay_dropout_rng", "to_device"]
 
 log = logging.getLogger("rankclip_ds.train")
 
@@ -106,13 +106,15 @@ class NonFiniteGuard:
             )
 
 
-def capture_rng(device: torch.device) -> tuple:
-    """The CPU generator, and the generator of this rank's GPU only (dropout runs there; the other GPUs belong to
-    other ranks)."""
+def dropout_rng_state(device: torch.device) -> tuple:
+    """The generators a micro-batch's dropout draws from, so that gradient caching's replay draws the same masks: the
+    CPU generator, and the generator of this rank's GPU only (the other GPUs belong to other ranks). The whole
+    training state's generators are :mod:`rankclip_ds.trainer.rng`'s (checkpoints)."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def restore_rng(state: tuple, device: torch.device) -> None:
+def replay_dropout_rng(state: tuple, device: torch.device) -> None:
+    """Set the generators back to what :func:`dropout_rng_state` returned."""
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)

@@ -43,7 +43,7 @@ from .setup import (
     write_run_folder,
 )
 from .signals import REQUEUE_EXIT_CODE, StopRequest
-from .step import COMPONENTS, NonFiniteGuard, capture_rng, restore_rng, to_device
+from .step import COMPONENTS, NonFiniteGuard, dropout_rng_state, replay_dropout_rng, to_device
 
 __all__ = ["Trainer"]
 
@@ -82,6 +82,7 @@ class Trainer:
         self.last_saved_step = -1
         self.last_eval: dict[str, Any] | None = None
         self.sample_log = None
+        self.metrics: MetricsWriter | None = None  # made by _build; close() runs without it after a failed build
         self.ckpt = CheckpointManager(
             self.run_dir / "checkpoints",
             keep_last=cfg.checkpoint.keep_last,
@@ -98,10 +99,19 @@ class Trainer:
             zero_stage=run.zero_stage,
             num_workers=cfg.data.num_workers,
         )
-        write_run_folder(cfg, info, self.run_dir)
+        write_run_folder(cfg, info, self.run_dir, self.process)
+        try:
+            self._build(data_factory)
+        except BaseException:
+            self.close(barrier=False)  # the heartbeat thread and the run's files; nothing else was opened yet
+            raise
+
+    def _build(self, data_factory) -> None:
+        """The build phases after the run folder: model, data, length, engine, objective, telemetry, resume."""
+        cfg, run, info = self.cfg, self.run, self.info
         model, self.tokenizer, self.preprocessing = build_model_for_training(cfg, info)
         self.loader = build_train_data(cfg, info, run, self.tokenizer, self.preprocessing, self.device, data_factory)
-        self.length = training_length(cfg, len(self.loader), run.batch.grad_accum_steps)
+        self.length = training_length(cfg, len(self.loader), run.batch)
         self.engine, self.base_optimizer = build_engine(
             cfg, run, model, self.length, self.process, self.ckpt, self.resume_target
         )
@@ -272,7 +282,7 @@ class Trainer:
         rng, imgs, txts = [], [], []
         with torch.no_grad():
             for batch in micro_batches:
-                rng.append(capture_rng(self.device))
+                rng.append(dropout_rng_state(self.device))
                 img, txt, logit_scale = self.engine(*to_device(batch, self.device, self.dtype))  # forward, no graph
                 imgs.append(img.float())
                 txts.append(txt.float())
@@ -287,7 +297,7 @@ class Trainer:
             g_img, g_txt = img_all.grad.split([len(x) for x in imgs]), txt_all.grad.split([len(x) for x in txts])
         for i, batch in enumerate(micro_batches):
             self.tracker.enter(f"gradient-cache replay: forward, backward, step (micro-batch {i})", step)
-            restore_rng(rng[i], self.device)
+            replay_dropout_rng(rng[i], self.device)
             img, txt, logit_scale = self.engine(*to_device(batch, self.device, self.dtype))  # forward again
             if finite:
                 surrogate = (img.float() * g_img[i]).sum() + (txt.float() * g_txt[i]).sum()
@@ -391,7 +401,7 @@ class Trainer:
             "num_workers": self.cfg.data.num_workers,
             "epoch": self.pos.epoch,
             "batches_in_epoch": self.pos.batches,
-            "samples_in_epoch": self.pos.batches * b.micro_batch_size * b.world_size,
+            "samples_in_epoch": self.pos.batches * b.samples_per_micro_step,
             "time": time.time(),
         }
 
@@ -436,6 +446,7 @@ class Trainer:
             self.sample_log.close()
         if self.process.heartbeat is not None:
             self.process.heartbeat.stop()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if barrier and dist.is_available() and dist.is_initialized():
             dist.barrier()

@@ -50,7 +50,6 @@ from .heartbeat import Heartbeat, read_heartbeats
 __all__ = [
     "CollectiveTracker",
     "collective_timeout_error",
-    "guard",
     "is_collective_failure",
     "is_collective_timeout",
 ]
@@ -298,9 +297,10 @@ class CollectiveTracker:
     """The collective-bearing phase this rank is in, and the guard that turns a timeout there into a named error.
 
     ``enter`` costs a few attribute writes (and a heartbeat write when the interval passed), so the trainer can mark
-    every phase of a step: ``"loss ring exchange (forward)"``, ``"gradient all-reduce (backward)"``, ``"stop-flag
-    all_reduce"``, ``"checkpoint barrier"``, and the non-collective ones where a rank can hang (``"data loading"``,
-    ``"evaluation"``) so the heartbeat shows where a stuck rank stopped.
+    every phase of a step: ``"forward and loss embedding exchange (micro-batch 0)"``, ``"backward gradient
+    reduction (micro-batch 0)"``, ``"stop-flag all_reduce"``, ``"checkpoint save (barriers, error agreement)"``, and
+    the non-collective ones where a rank can hang (``"data loading"``) so the heartbeat shows where a stuck rank
+    stopped.
     """
 
     def __init__(
@@ -313,11 +313,9 @@ class CollectiveTracker:
         self.phase = "start-up"
         self.step = 0
 
-    def enter(self, name: str, step: int | None = None, *, force: bool = False) -> None:
-        """This rank now runs phase ``name`` of ``step`` (default: the current step)."""
-        self.phase = name
-        if step is not None:
-            self.step = step
+    def enter(self, name: str, step: int, *, force: bool = False) -> None:
+        """This rank now runs phase ``name`` of optimizer step ``step``."""
+        self.phase, self.step = name, step
         if self.heartbeat is not None:
             self.heartbeat.beat(self.step, name, force=force)
 
@@ -337,9 +335,12 @@ class CollectiveTracker:
 
     @contextmanager
     def guard(self, name: str | None = None, step: int | None = None) -> Iterator[CollectiveTracker]:
-        """Run the block (as phase ``name`` if given); a collective timeout or lost peer raised in it becomes a
-        :class:`CollectiveTimeoutError` (``from`` the original), every other exception passes unchanged."""
+        """Run the block (as phase ``name`` of ``step`` if given; without a name, in the phases its body enters); a
+        collective timeout or lost peer raised in it becomes a :class:`CollectiveTimeoutError` (``from`` the
+        original), every other exception passes unchanged."""
         if name is not None:
+            if step is None:
+                raise TypeError(f"CollectiveTracker.guard({name!r}) needs the step it runs in")
             self.enter(name, step)
         try:
             yield self
@@ -349,8 +350,3 @@ class CollectiveTracker:
             if not is_collective_failure(exc):
                 raise
             raise self.error(exc) from exc
-
-
-def guard(tracker: CollectiveTracker, name: str | None = None, step: int | None = None):
-    """Function form of :meth:`CollectiveTracker.guard`."""
-    return tracker.guard(name, step)
