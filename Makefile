@@ -11,12 +11,13 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo demo-data dry-run test test-all test-slow lint format clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml tools/prebuild_ops.py
+$(STAMP): requirements.txt requirements-dev.txt requirements-consumer.txt pyproject.toml tools/prebuild_ops.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch/torchvision first, by exact version: pip takes them from this machine's local wheels.
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/clip-benchmark-numpy -r requirements-consumer.txt
 	$(PY) tools/prebuild_ops.py
 	touch $(STAMP)
 

@@ -19,6 +19,8 @@ import torch
 
 from .config import ConfigError, config_to_dict, section_from_dict
 from .model import DualEncoder, ModelConfig, architecture_only, build_model, build_tokenizer
+from .model.clip_arch import is_clip_type
+from .model.clip_export import write_clip_exports
 
 __all__ = [
     "EXPORT_CONFIG",
@@ -41,7 +43,9 @@ def save_export(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out
     config's ``cfg.model``) to ``out_dir`` atomically.
 
     Files are written under temporary names and renamed, so a crash never leaves a half-written export that looks
-    complete.
+    complete. A CLIP-type model (a timm CLIP ViT and a ``clip_text_model`` text tower pooled at end-of-text, e.g.
+    one started from ``model.init_from``) also gets ``open_clip/`` (an open_clip checkpoint and model config) and
+    ``hf_clip/`` (a ``transformers.CLIPModel`` folder): see :mod:`rankclip_ds.model.clip_export`.
     """
     from safetensors.torch import save_file
 
@@ -59,6 +63,8 @@ def save_export(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out
     tmp_c.write_text(json.dumps({"format": EXPORT_FORMAT, "model": config_to_dict(model_cfg)}, indent=2))
     os.replace(tmp_w, out / EXPORT_WEIGHTS)
     os.replace(tmp_c, out / EXPORT_CONFIG)
+    if is_clip_type(model_cfg):  # the ecosystem's formats too: open_clip/ and hf_clip/ (model/clip_export.py)
+        write_clip_exports(tensors, model_cfg, out)
     return out
 
 
@@ -145,11 +151,29 @@ def model_source_config(path: str | Path) -> ModelConfig:
 
 def consolidated_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """DeepSpeed's own ``zero_to_fp32`` consolidation of a training checkpoint folder (any ZeRO stage, any world
-    size): the whole model's fp32 weights, from the optimizer's master copies."""
+    size): the whole model's fp32 weights, from the optimizer's master copies.
+
+    Frozen parameters (a locked tower) have no master copy. ``zero_to_fp32`` finds them in the model states only
+    where ZeRO-2/3 record them (``frozen_param_fragments``); under ZeRO-0/1 the engine's module weights in the model
+    states file hold them whole, and they are taken from there (in the precision they trained in)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(checkpoint)
-    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return _with_frozen_from_module_states(state, path)
+
+
+def _with_frozen_from_module_states(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` completed with the tensors only the module weights of ``path``'s model states hold (the frozen
+    parameters of a ZeRO-0/1 checkpoint). ZeRO-3's module weights are empty placeholders and are never taken."""
+    states = sorted(path.glob("*model_states.pt"))
+    if not states:
+        return state
+    module = torch.load(str(states[0]), map_location="cpu", weights_only=False).get("module") or {}
+    for key, tensor in module.items():
+        if key not in state and torch.is_tensor(tensor) and tensor.numel() > 0 and tensor.is_floating_point():
+            state[key] = tensor.to(torch.float32)
+    return state
 
 
 def _checkpoint_state(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:

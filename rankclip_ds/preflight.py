@@ -26,6 +26,8 @@ from typing import Any
 
 from .config import BatchSizes, Config, resolve_batch
 from .model.checks import check_image_tower, check_text_tower
+from .model.clip_init import check_init_from
+from .model.lock import check_locks
 from .problems import ConfigError, Problem, format_problems, problem_message, suggest
 from .resolved import ResolvedRun
 
@@ -359,8 +361,11 @@ def preflight(
     checks: list[Callable[[], list[Problem]]] = [
         lambda: _check_precision(cfg),
         lambda: _check_fused_optimizer(cfg, ds_json, ds_source),
-        lambda: check_image_tower(cfg.model.image),
-        lambda: check_text_tower(cfg.model.text),
+        # With model.init_from the towers are derived from the checkpoint (its converted text folder may not exist
+        # yet): check_init_from checks the source, the contradictions and the derived image tower instead.
+        lambda: check_image_tower(cfg.model.image) if not cfg.model.init_from else check_init_from(cfg.model),
+        lambda: check_text_tower(cfg.model.text) if not cfg.model.init_from else [],
+        lambda: check_locks(cfg.model),
         lambda: _check_train_data(cfg, batch),
         lambda: _check_eval(cfg),
         lambda: _check_resume(cfg),

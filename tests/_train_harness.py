@@ -12,7 +12,11 @@ steps gets NaN images, so the global loss is non-finite), ``push_logit_scale`` (
 step k, the optimizer's fp32 master copy of the logit scale and the module's copy are set to v, as a scale drifting
 past ``model.max_logit_scale`` would be; each rank then also records the master's final value, read through
 DeepSpeed's ``safe_get_full_fp32_param``, and whether the parameter is partitioned by ZeRO-3). Nothing here calls
-the clamp: what the records show is what the trainer's own steps did.
+the clamp: what the records show is what the trainer's own steps did. ``lock_report`` (true): rank 0 saves the initial
+parameters (``initial.pt``, gathered before the first step), each record carries the learning rate of every optimizer
+group (``group_lrs``, as the engine steps them), and each rank records which parameters DeepSpeed's ZeRO optimizer owns
+(``optimizer_owned``, names) and how many elements its Adam state holds on this rank (``optimizer_state_numel``,
+``exp_avg`` of the rank's fp32 partitions, padding included) and the padding (``optimizer_padding``, ZeRO-1/2).
 A run that ends in a ``TrainingError`` writes ``{"error": message}`` and exits with 1.
 Each rank writes ``<out>/rank<r>.json`` with the per-step scalars; rank 0 also writes the embeddings of a fixed
 probe batch (``probe_emb.pt``) computed by the live model after training.
@@ -96,6 +100,11 @@ def main() -> None:
         return FixedBatches(pool, rank, world, micro, accum)
 
     trainer = Trainer(cfg, resolve_run(cfg, spec["ds"], info.world_size), info, data_factory=factory)
+    lock_report = spec.get("lock_report", False)
+    if lock_report:
+        initial = trainer.unpartitioned_model()  # a collective under ZeRO-3: every rank calls it
+        if info.is_main:
+            torch.save({k: v.detach().clone() for k, v in initial.named_parameters()}, out / "initial.pt")
     records = []
     step_fn = trainer.train_step
 
@@ -109,9 +118,12 @@ def main() -> None:
             push_logit_scale(trainer, push["value"])
         if nan and info.rank == nan["rank"] and trainer.step + 1 in nan["steps"]:
             micro_batches[0] = {**micro_batches[0], "image": torch.full_like(micro_batches[0]["image"], float("nan"))}
+        lrs_before = [float(g["lr"]) for g in trainer.engine.optimizer.param_groups]
         result = step_fn(micro_batches)
         scalars = {k: float(v) for k, v in result.items()}  # the loss components are device tensors
         records.append({"step": trainer.step + 1, **scalars, "logit_scale_raw": trainer.logit_scale_value()})
+        if lock_report:  # the rates this step used (the scheduler steps after the optimizer, inside engine.step)
+            records[-1]["group_lrs"] = lrs_before
         if send and info.rank == send["rank"] and trainer.step + 1 == send["step"]:
             os.kill(os.getpid(), getattr(signal, send["name"]))
         return result
@@ -146,6 +158,8 @@ def main() -> None:
     if info.is_main:
         torch.save({"image": emb_img, "text": emb_txt, "probe": probe, "live": live}, out / "probe_emb.pt")
 
+    if lock_report:
+        result.update(optimizer_report(trainer))
     if push:
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -171,6 +185,20 @@ def push_logit_scale(trainer: Trainer, value: float) -> None:
     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
         if trainer.info.rank == 0 or trainer.run.zero_stage < 3:
             p.data.fill_(value)
+
+
+def optimizer_report(trainer: Trainer) -> dict:
+    """What DeepSpeed's ZeRO optimizer holds on this rank: the parameters it owns (by name), the elements of its
+    Adam first moments, and its flat groups' padding (ZeRO-1/2)."""
+    opt = trainer.engine.optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    zero12 = hasattr(opt, "bit16_groups")
+    groups = opt.bit16_groups if zero12 else opt.fp16_groups  # ZeRO-1/2, ZeRO-3
+    owned = sorted(names[id(p)] for group in groups for p in group)
+    state = opt.optimizer.state  # the torch AdamW stepping the fp32 partitions
+    numel = sum(s["exp_avg"].numel() for s in state.values() if "exp_avg" in s)
+    return {"optimizer_owned": owned, "optimizer_state_numel": numel,
+            "optimizer_padding": int(sum(opt.groups_padding)) if zero12 else 0}  # fmt: skip
 
 
 def inject_storage_fault(fault: dict) -> None:

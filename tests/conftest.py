@@ -33,6 +33,35 @@ def skip_unless_ci(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def openai_clip_tokenizer():
+    """OpenAI's CLIP tokenizer as transformers' ``CLIPTokenizer``, built from open_clip's ``SimpleTokenizer`` tables
+    (the same vocabulary and merges, named the Hugging Face way): the tests' independent reference, not the
+    product's builder (``rankclip_ds.model.clip_source``)."""
+    import open_clip
+    import transformers
+
+    simple = open_clip.SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(token, token): i for token, i in simple.encoder.items()}
+    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def tiny_clip_config(*, intermediate: int, projection: int, image_size: int = 32):
+    """A tiny ``transformers.CLIPConfig`` (width 32, 2 layers, 4 heads, 8-px patches; OpenAI's 49408-token
+    vocabulary, so the real CLIP tokenizer applies)."""
+    import transformers
+
+    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=intermediate)
+    return transformers.CLIPConfig(
+        text_config=tower,
+        vision_config=dict(tower, image_size=image_size, patch_size=8),
+        projection_dim=projection,
+    )
+
+
 def free_port() -> int:
     """A TCP port that is free right now on the loopback interface (never a fixed port: tests run in parallel)."""
     with socket.socket() as s:

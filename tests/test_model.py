@@ -163,10 +163,15 @@ def test_local_image_weights_roundtrip(tmp_path):
         build_model(load_config(None, [*TINY, "--model.image.weights", str(tmp_path / "nope.pth")]).model)
 
 
-def test_errors_name_the_setting(tmp_path):
+def test_errors_name_the_setting(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     with pytest.raises(ModelConfigError, match=r"model.image.name='vit_bogus' is not a timm model"):
         build_model(load_config(None, [*TINY, "--model.image.name", "vit_bogus"]).model, device="meta")
-    with pytest.raises(ModelConfigError, match=r"'sentence-transformers/all-MiniLM-L6-v2' is not a local folder"):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # a hub id this cache lacks
+    with pytest.raises(ModelConfigError, match=r"'sentence-transformers/all-MiniLM-L6-v2': a Hugging Face hub id not"):
         resolve_text_path("sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(ModelConfigError, match=r"is not a local folder with a config.json"):
+        resolve_text_path(str(tmp_path))
     with pytest.raises(ModelConfigError, match=r"overrides.num_layerz: BertConfig has no such field"):
         TextTower("builtin:minilm", pretrained=False, overrides={"num_layerz": 2})

@@ -179,3 +179,36 @@ def test_dry_run_reports_config_errors(capsys):
     )
     assert rc == 2
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_continue_from_clip_recipe_derives_openai_vitb16_without_contradictions(tmp_path, monkeypatch):
+    """The recipe names a hub id, which tests never download: its fields are checked against the architecture of
+    openai/clip-vit-base-patch16 (its config.json's sizes), and offline with an empty cache the pre-flight's only
+    init_from problem is the miss, naming the command that fills the cache."""
+    from huggingface_hub import constants
+    from transformers import CLIPConfig
+
+    from rankclip_ds.model.clip_arch import arch_from_hf_config
+    from rankclip_ds.model.clip_init import _contradictions, check_init_from
+
+    cfg = load_config(Path(REPO_ROOT, "configs/continue_from_clip_vitb16.yaml"))
+    assert cfg.model.init_from == "openai/clip-vit-base-patch16" and cfg.model.open_clip_name is None
+    openai_vitb16 = CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12),
+        vision_config=dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, patch_size=16
+        ),
+        projection_dim=512,
+    )
+    arch = arch_from_hf_config(openai_vitb16)
+    assert (arch.image_name, arch.model_kwargs, arch.image_size, arch.context_length) == (
+        "vit_base_patch16_clip_quickgelu_224",
+        {},
+        224,
+        77,
+    )
+    assert _contradictions(cfg.model, arch, tmp_path) == []
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (problem,) = check_init_from(cfg.model)
+    assert problem.machine and "hf download openai/clip-vit-base-patch16" in problem.message

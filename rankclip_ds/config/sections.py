@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from ..model.config import ImageTowerConfig, LockConfig, ModelConfig, TextTowerConfig
 from ..problems import ConfigError, check_positive, fail
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "DistConfig",
     "EvalConfig",
     "ImageTowerConfig",
+    "LockConfig",
     "LoggingConfig",
     "LossConfig",
     "ModelConfig",
@@ -180,6 +181,18 @@ class OptimConfig:
     """AdamW epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay, never applied to biases, norms or the logit scale."""
+    image_lr: float | None = None
+    """Base learning rate of the image tower; ``None``: ``lr``."""
+    text_lr: float | None = None
+    """Base learning rate of the text tower; ``None``: ``lr``."""
+    proj_lr: float | None = None
+    """Learning rate of the two projections and the logit scale; ``None``: ``lr``."""
+    image_layer_decay: float = 1.0
+    """Layer-wise learning-rate decay of the image tower (EVA-CLIP, BEiT): a parameter at depth ``layer`` (0: the
+    embeddings, 1..depth: the blocks, depth+1: what follows them) gets ``image_lr × decay^(depth + 1 − layer)``.
+    1.0: the same rate for the whole tower."""
+    text_layer_decay: float = 1.0
+    """Layer-wise learning-rate decay of the text tower, as ``image_layer_decay``."""
     grad_clip: float | None = 1.0
     """Global gradient-norm clip (DeepSpeed ``gradient_clipping``); ``None`` disables."""
     fused: Literal["auto", True, False] = "auto"
@@ -206,6 +219,11 @@ class OptimConfig:
         check_positive("optim", "eps", self.eps)
         if self.weight_decay < 0:
             fail("optim.weight_decay", self.weight_decay, "must be >= 0", "use 0 to disable weight decay")
+        for name in ("image_lr", "text_lr", "proj_lr"):
+            check_positive("optim", name, getattr(self, name), allow_none=True)
+        for name in ("image_layer_decay", "text_layer_decay"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                fail(f"optim.{name}", getattr(self, name), "must be in (0, 1]", "use e.g. 0.75 (EVA-CLIP), 1 for none")
         check_positive("optim", "grad_clip", self.grad_clip, allow_none=True)
         # The Literal check lets 1 and 0 through (they compare equal to True and False).
         if not (self.fused == "auto" or isinstance(self.fused, bool)):

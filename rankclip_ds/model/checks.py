@@ -1,8 +1,10 @@
 """Cheap checks of the two towers' settings, for the pre-flight: nothing is built, loaded or downloaded.
 
 Each check takes its tower's config section and returns every :class:`~rankclip_ds.problems.Problem` it finds
-(empty when the tower can be built): whether the timm architecture exists, whether the text model resolves offline
-and takes its overrides, whether the files the towers will read are on this machine.
+(empty when the tower can be built): whether the timm architecture (and its published weights) exists, whether the
+text model resolves and takes its overrides, whether the files the towers will read are on this machine. A hub id
+or timm's published weights missing from the Hugging Face cache is a problem only offline (``HF_HUB_OFFLINE=1``):
+online, rank 0 downloads them before the model is built (:func:`rankclip_ds.model.hub.fetch_model_files`).
 """
 
 from __future__ import annotations
@@ -12,31 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from ..problems import Problem, suggest
+from . import hub
 from .config import ImageTowerConfig, TextTowerConfig
 
 __all__ = ["check_image_tower", "check_text_tower"]
 
-# Files a Hugging Face folder needs for the tokenizer (any one of them) and for pretrained weights (any one).
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
 
 # ------------------------------------------------------------------------------------------------ image tower
 def check_image_tower(image: ImageTowerConfig) -> list[Problem]:
-    """The timm architecture (and pretrained tag) exists, and a weights file, if named, is there."""
+    """The timm architecture (and pretrained tag) exists; with ``pretrained``, timm publishes weights for it (and
+    offline, they are in the cache); a weights file, if named, is there."""
     import timm
 
     problems = []
@@ -52,19 +39,19 @@ def check_image_tower(image: ImageTowerConfig) -> list[Problem]:
                 + (f"; did you mean {', '.join(close)}?" if close else ""),
             )
         )
-    elif tag:
-        tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{arch}.*")]
-        if tag not in tags:
-            problems.append(
-                Problem.of(
-                    "model.image.name",
-                    image.name,
-                    f"timm knows no tag {tag!r} for {arch!r} (the tag selects its preprocessing config; "
-                    "nothing is downloaded)",
-                    f"use the bare name {arch!r}"
-                    + (f" or one of {', '.join(f'{arch}.{t}' for t in tags[:4])}" if tags else ""),
-                )
+    elif tag and tag not in (tags := [name.partition(".")[2] for name in timm.list_pretrained(f"{arch}.*")]):
+        problems.append(
+            Problem.of(
+                "model.image.name",
+                image.name,
+                f"timm knows no tag {tag!r} for {arch!r} (the tag selects its preprocessing config, and with "
+                "model.image.pretrained its weights)",
+                f"use the bare name {arch!r}"
+                + (f" or one of {', '.join(f'{arch}.{t}' for t in tags[:4])}" if tags else ""),
             )
+        )
+    elif image.pretrained:
+        problems += _check_timm_weights(image)
     if image.weights and not Path(image.weights).is_file():
         problems.append(
             Problem.of(
@@ -78,10 +65,34 @@ def check_image_tower(image: ImageTowerConfig) -> list[Problem]:
     return problems
 
 
+def _check_timm_weights(image: ImageTowerConfig) -> list[Problem]:
+    """timm publishes weights for ``image.name``; offline, the file timm reads is in the cache."""
+    source = hub.timm_weights(image.name)
+    if source is None:
+        import timm
+
+        tags = timm.list_pretrained(f"{image.name.partition('.')[0]}.*")[:4]
+        return [
+            Problem.of(
+                "model.image.pretrained",
+                True,
+                f"timm has no published weights for {image.name!r}",
+                (f"use a name with weights, e.g. {', '.join(tags)}" if tags else "pick one from timm.list_pretrained()")
+                + ", or set model.image.pretrained=false",
+            )
+        ]
+    if hub.offline() and hub.cached_timm_weights(source) is None:
+        return [Problem.of("model.image.pretrained", True, *hub.timm_miss(source), machine=True)]
+    return []
+
+
 # ------------------------------------------------------------------------------------------------ text tower
 def check_text_tower(text: TextTowerConfig) -> list[Problem]:
-    """The text model resolves offline, its config takes the overrides, and the tokenizer (and the weights,
-    when pretrained) are in its folder. Reads config.json only; nothing is built."""
+    """The text model resolves (a hub id: offline, it is in the cache), its config takes the overrides, and the
+    tokenizer (and the weights, when pretrained) are in its folder. Reads config.json only; nothing is built.
+
+    A hub id not yet (or not wholly) in the cache is no problem online: rank 0 downloads what is missing before the
+    model is built. Its config and files are then checked only when they are there."""
     folder, problems = _text_folder(text)
     if folder is None:
         return problems
@@ -95,27 +106,36 @@ def check_text_tower(text: TextTowerConfig) -> list[Problem]:
         return [
             Problem.of("model.text.name_or_path", text.name_or_path, problem, "re-save the model with save_pretrained")
         ]
-    return _check_overrides(text, hf_config) + _check_text_files(text, folder)
+    problems = _check_overrides(text, hf_config)
+    repo_id = hub.text_hub_id(text.name_or_path)
+    if repo_id is None or hub.offline():  # online, rank 0 fetches what a hub snapshot lacks
+        problems += _check_text_files(text, folder, repo_id)
+    return problems
 
 
 def _text_folder(text: TextTowerConfig) -> tuple[Path | None, list[Problem]]:
-    """The local folder of the text model (a builtin alias resolved to its pip package's folder), or ``None`` with
-    the problem that stops every further text check."""
+    """The local folder of the text model (a builtin alias resolved to its pip package's folder, a hub id to its
+    snapshot in the cache), or ``None`` with the problems that stop every further text check (none for a hub id
+    not cached while online: rank 0 will download it)."""
     from .towers import BUILTIN_TEXT_MODELS, ModelConfigError, resolve_text_path
 
     field = "model.text.name_or_path"
-    if text.name_or_path not in BUILTIN_TEXT_MODELS:
-        path = Path(text.name_or_path).expanduser()
-        if not path.exists():
-            return None, [
-                Problem.of(
-                    field,
-                    text.name_or_path,
-                    "no such folder on this machine (Hugging Face hub names are never downloaded)",
-                    "save the model and its tokenizer there first (save_pretrained), or use "
-                    + " / ".join(BUILTIN_TEXT_MODELS),
-                )
-            ]
+    repo_id = hub.text_hub_id(text.name_or_path)
+    if repo_id is not None:
+        snapshot = hub.cached_snapshot(repo_id)
+        if snapshot is None and hub.offline():
+            return None, [Problem.of(field, repo_id, *hub.text_miss(repo_id))]
+        return snapshot, []
+    if text.name_or_path not in BUILTIN_TEXT_MODELS and not Path(text.name_or_path).expanduser().exists():
+        return None, [
+            Problem.of(
+                field,
+                text.name_or_path,
+                "no such folder on this machine, and not a Hugging Face hub id ('name' or 'org/name')",
+                "save the model and its tokenizer there first (save_pretrained), give a hub id such as "
+                "bert-base-uncased, or use " + " / ".join(BUILTIN_TEXT_MODELS),
+            )
+        ]
     try:
         return Path(resolve_text_path(text.name_or_path)), []
     except ModelConfigError as exc:
@@ -153,27 +173,29 @@ def _check_overrides(text: TextTowerConfig, hf_config: Any) -> list[Problem]:
     return problems
 
 
-def _check_text_files(text: TextTowerConfig, folder: Path) -> list[Problem]:
-    """The tokenizer files, and the weights when ``pretrained``, are in ``folder`` (problems of this machine)."""
+def _check_text_files(text: TextTowerConfig, folder: Path, repo_id: str | None) -> list[Problem]:
+    """The tokenizer files, and the weights when ``pretrained``, are in ``folder`` (problems of this machine);
+    ``folder`` is the cached snapshot of hub id ``repo_id`` when that is given."""
+    refill = f"run `hf download {repo_id}` on a machine with internet access" if repo_id else None
     problems = []
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+    if not hub.has_tokenizer(folder):
         problems.append(
             Problem.of(
                 "model.text.name_or_path",
                 text.name_or_path,
                 f"the folder {str(folder)!r} has no tokenizer file",
-                "save the tokenizer there too (tokenizer.save_pretrained)",
+                refill or "save the tokenizer there too (tokenizer.save_pretrained)",
                 machine=True,
             )
         )
-    if text.pretrained and not any((folder / name).is_file() for name in _WEIGHT_FILES):
+    if text.pretrained and not hub.has_weights(folder):
         problems.append(
             Problem.of(
                 "model.text.pretrained",
                 True,
-                f"the folder {str(folder)!r} has no weights ({' / '.join(_WEIGHT_FILES[::2])})",
-                "save the weights there (save_pretrained), or set model.text.pretrained=false to train the "
-                "text tower from scratch",
+                f"the folder {str(folder)!r} has no weights ({' / '.join(hub.WEIGHT_FILES[::2])})",
+                (refill or "save the weights there (save_pretrained)")
+                + ", or set model.text.pretrained=false to train the text tower from scratch",
                 machine=True,
             )
         )

@@ -39,6 +39,8 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         self.max_logit_scale = float(max_logit_scale)
         self.embed_dim = embed_dim
+        # Submodules (dotted names) of locked towers that run in eval mode during training (model/lock.py).
+        self.eval_when_training: tuple[str, ...] = ()
         self._init_projections()
 
     def _init_projections(self) -> None:
@@ -46,6 +48,27 @@ class DualEncoder(nn.Module):
         for proj in (self.image_proj, self.text_proj):
             if not proj.weight.is_meta:
                 nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+
+    def set_eval_when_training(self, names: list[str]) -> None:
+        """Submodules (frozen parts of locked towers) that :meth:`train` puts back in eval mode: no dropout, no
+        BatchNorm statistics updates. Set by :func:`rankclip_ds.model.lock.apply_locks`."""
+        for name in names:
+            self.get_submodule(name)  # fails now, not at the first train()
+        self.eval_when_training = tuple(names)
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """``nn.Module.train``, then the frozen parts of locked towers back in eval mode (timm's ``PatchDropout``
+        modules in them keep the requested mode: patch dropout is an option of its own). ``eval()`` puts
+        everything in eval mode."""
+        super().train(mode)
+        if mode:
+            for name in self.eval_when_training:
+                frozen = self.get_submodule(name)
+                frozen.train(False)
+                for module in frozen.modules():
+                    if type(module).__name__.startswith("PatchDropout"):  # timm: PatchDropout, ...WithIndices
+                        module.train(True)
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image_tower.set_grad_checkpointing(enable)
@@ -80,12 +103,13 @@ class DualEncoder(nn.Module):
         self.logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters per part (works on the meta device)."""
+        """Parameters per part, the total, and how many of them are trainable (``trainable``: not frozen by a
+        lock; works on the meta device)."""
 
-        def count(m: nn.Module | nn.Parameter) -> int:
+        def count(m: nn.Module | nn.Parameter, trainable_only: bool = False) -> int:
             # Under ZeRO-3 a partitioned parameter's numel() is 0; DeepSpeed keeps the real size in ds_numel.
             params = [m] if isinstance(m, nn.Parameter) else list(m.parameters())
-            return sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            return sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad or not trainable_only)
 
         counts: dict[str, Any] = {
             "image_tower": count(self.image_tower),
@@ -94,4 +118,7 @@ class DualEncoder(nn.Module):
             "logit_scale": count(self.logit_scale),
         }
         counts["total"] = sum(counts.values())
+        counts["trainable"] = count(self, trainable_only=True)
+        counts["image_tower_trainable"] = count(self.image_tower, trainable_only=True)
+        counts["text_tower_trainable"] = count(self.text_tower, trainable_only=True)
         return counts

@@ -1,6 +1,6 @@
 """The trainer's build phases, each a plain function of what it needs, called in order by ``Trainer.__init__``:
 
-    start_process → (resume target) → write_run_folder → build_model_for_training → build_train_data
+    start_process → (resume target) → write_run_folder → fetch_pretrained → build_model_for_training → build_train_data
                   → training_length → build_engine
 
 Nothing here trains; each phase returns what the next ones and the training loop use.
@@ -8,6 +8,7 @@ Nothing here trains; each phase returns what the next ones and the training loop
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,11 +26,13 @@ from ..config import BatchSizes, Config, save_config
 from ..dist import DistInfo, init_distributed
 from ..ds_config import optimizer_offloaded
 from ..model import DualEncoder, build_model, build_tokenizer
+from ..model.hub import fetch_model_files, hub_cache, offline
 from ..problems import ConfigError
 from ..resolved import ResolvedRun
 from .checkpoint import CheckpointManager, LoadTarget
+from .errors import TrainingError
 from .heartbeat import Heartbeat
-from .optim import build_lr_lambda, build_optimizer
+from .optim import build_lr_lambda, build_optimizer, param_groups_from_config
 from .tf32 import set_tf32
 from .universal import ensure_universal
 from .watchdog import CollectiveTracker
@@ -41,6 +44,7 @@ __all__ = [
     "build_engine",
     "build_model_for_training",
     "build_train_data",
+    "fetch_pretrained",
     "log_run_start",
     "seed_everything",
     "start_process",
@@ -95,6 +99,62 @@ def write_run_folder(cfg: Config, info: DistInfo, run_dir: Path, process: Proces
     if cfg.dist.heartbeat_seconds > 0:
         hb = Heartbeat(run_dir / "heartbeats", info.rank, min_interval_s=cfg.dist.heartbeat_seconds).start()
         process.heartbeat = process.tracker.heartbeat = hb
+
+
+def fetch_pretrained(cfg: Config, info: DistInfo, run_dir: Path, process: Process) -> Config:
+    """Rank 0 downloads every file the model section names from the Hugging Face hub into the cache (a text hub id,
+    timm's published weights: :func:`~rankclip_ds.model.hub.fetch_model_files`) and, with ``model.init_from``,
+    fetches and converts the CLIP checkpoint (:func:`~rankclip_ds.model.clip_init.resolve_init_from`), while the
+    other ranks wait; then every rank derives the same model section from the cache. Returns ``cfg`` with that
+    section (the towers ``init_from`` decides filled in); rank 0 rewrites the run's ``config.yaml`` with it, so the
+    run folder, its checkpoints and its export describe the model that trains.
+
+    Nothing is fetched for local folders, ``builtin:`` aliases, files already cached, or offline
+    (``HF_HUB_OFFLINE=1``: the pre-flight checked the cache). Rank 0's failure is sent to every rank and raised
+    there too, so no rank waits for a peer that gave up. A download longer than ``dist.timeout_minutes`` times the
+    others out: fill the cache beforehand (``hf download``)."""
+    from ..model.clip_init import resolve_init_from
+
+    outcome: list[Any] = [None]  # rank 0's (kind, message) on failure
+    failure: BaseException | None = None
+    model_cfg = cfg.model
+    with process.tracker.guard("pretrained files (rank 0 downloads into the Hugging Face cache, the others wait)", 0):
+        if info.is_main:
+            try:
+                for fetched in fetch_model_files(cfg.model):
+                    log.info("fetched %s (cache %s)", fetched, hub_cache())
+                if cfg.model.init_from:
+                    log.info("init_from %s: fetching and converting (once; cached after)", cfg.model.init_from)
+                    model_cfg = resolve_init_from(cfg.model, local_files_only=offline())
+            except ConfigError as exc:
+                outcome, failure = [("config", str(exc))], exc
+            except Exception as exc:  # network, disk, permissions: reported on every rank below
+                outcome, failure = [("error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}")], exc
+        if info.distributed:
+            dist.broadcast_object_list(outcome, src=0)  # also the barrier the other ranks wait at
+    if outcome[0] is not None:
+        kind, message = outcome[0]
+        if kind == "config":
+            raise ConfigError(message) from failure
+        raise TrainingError(
+            f"rank 0 could not fetch the model's files into {hub_cache()}: {message}. Fix: check the network and "
+            "the ids, or fill the cache beforehand (`hf download ID`) and set HF_HUB_OFFLINE=1"
+        ) from failure
+    if not info.is_main:
+        model_cfg = resolve_init_from(cfg.model, local_files_only=True)  # reads what rank 0 converted
+    if model_cfg is cfg.model:
+        return cfg
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        log.info(
+            "init_from %s: image tower %s, text tower %s (converted %s)",
+            model_cfg.init_from,
+            model_cfg.image.name,
+            model_cfg.text.name_or_path,
+            model_cfg.text.name_or_path.rsplit("/", 1)[0],
+        )
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -220,6 +280,7 @@ def build_engine(
         cpu_offload=optimizer_offloaded(ds),
         fused=cfg.optim.fused,
         device=process.device,  # where DeepSpeed keeps the fp32 master partitions the optimizer steps
+        groups=param_groups_from_config(model, cfg.optim),  # per-part base lr and layer decay; frozen left out
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, build_lr_lambda(length.total_steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio)

@@ -37,6 +37,7 @@ from .setup import (
     build_engine,
     build_model_for_training,
     build_train_data,
+    fetch_pretrained,
     log_run_start,
     start_process,
     training_length,
@@ -107,7 +108,10 @@ class Trainer:
             raise
 
     def _build(self, data_factory) -> None:
-        """The build phases after the run folder: model, data, length, engine, objective, telemetry, resume."""
+        """The build phases after the run folder: hub files, model, data, length, engine, objective, telemetry,
+        resume."""
+        # Rank 0 fills the Hugging Face cache (and converts model.init_from); every rank then reads it.
+        self.cfg = fetch_pretrained(self.cfg, self.info, self.run_dir, self.process)
         cfg, run, info = self.cfg, self.run, self.info
         model, self.tokenizer, self.preprocessing = build_model_for_training(cfg, info)
         self.loader = build_train_data(cfg, info, run, self.tokenizer, self.preprocessing, self.device, data_factory)
