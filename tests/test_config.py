@@ -235,3 +235,38 @@ def test_every_field_has_a_docstring(section):
     docs = field_docs(section)
     missing = [f.name for f in dataclasses.fields(section) if not docs.get(f.name)]
     assert not missing, f"{section.__name__} fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # 30 steps, 10 per epoch (3 epochs), w_max = 1.5, step ramp held from 2/3: the hand-computed w(t)
+        ("constant", {0: 1.5, 1: 1.5, 15: 1.5, 29: 1.5}),
+        ("step", {0: 0.0, 10: 0.75, 20: 1.5, 29: 1.5}),
+        ("epoch", {0: 0.0, 9: 0.0, 10: 1.5, 29: 1.5}),
+    ],
+)
+def test_rank_weight_schedule_as_trained(schedule, expected):
+    """``loss.rank_weight_schedule`` through the objective the trainer builds: ``constant`` is w_max from step 0
+    (no ramp); a plain-CLIP run has w = 0 whatever the schedule."""
+    import torch
+
+    from rankclip_ds.trainer.loss import TrainingLoss
+    from rankclip_ds.trainer.setup import TrainingLength
+
+    def weights(*overrides: str) -> dict[int, float]:
+        cfg = load_config(None, ["--loss.rank_weight_schedule", schedule, "--loss.rank_weight_max", "1.5", *overrides])
+        length = TrainingLength(steps_per_epoch=10, total_steps=30, epochs=3)
+        loss = TrainingLoss(
+            cfg.loss, group=None, world_size=1, local_rows=8, max_logit_scale=100.0, length=length,
+            device=torch.device("cpu"),
+        )  # fmt: skip
+        return {step: loss.rank_weight(step) for step in expected}
+
+    assert weights() == pytest.approx(expected)
+    assert weights("--loss.ranking", "false") == dict.fromkeys(expected, 0.0)
+
+
+def test_rank_weight_schedule_names_the_choices():
+    with pytest.raises(ConfigError, match=r"loss\.rank_weight_schedule='flat'.*is not one of.*'constant'"):
+        load_config(None, ["--loss.rank_weight_schedule", "flat"])

@@ -267,9 +267,11 @@ def _env(cache: Path, *, offline: bool) -> dict[str, str]:
     return env
 
 
-def test_dry_run_and_preflight_read_the_cache_named_by_the_environment(tiny_bert, timm_weights_file, tmp_path):
+def test_dry_run_and_preflight_read_the_cache_named_by_the_environment(tiny_bert, timm_weights_file, tmp_path, shards):
     cache = tmp_path / "hf_cache"
     args = [sys.executable, "rankclip_ds/train.py", "--dry-run", "--model.text.name_or_path", TEXT_ID]
+    # Shards that exist, so that any "not ready on this machine" note would be about the model's files.
+    args += ["--data.train_data", str(shards / "train" / "synth-train-{000000..000003}.tar")]
     args += ["--model.image.name", TIMM_NAME, "--model.image.image_size", "160", "--model.image.pretrained", "true"]
     miss = subprocess.run(args, cwd=REPO_ROOT, env=_env(cache, offline=True), capture_output=True, text=True)
     assert miss.returncode == 2, miss.stderr

@@ -129,9 +129,10 @@ class LossConfig:
     items); K >= N is the exact loss."""
     position_weighting: Literal["log"] | None = None
     """``log``: the paper's per-position weight μ_k = 1/log(k+1); ``None`` (default): the released code's uniform."""
-    rank_weight_schedule: Literal["epoch", "step"] = "step"
+    rank_weight_schedule: Literal["epoch", "step", "constant"] = "step"
     """``epoch``: the released code's ramp w(e)=clip(3(e-1)/(E-1), 0, w_max); ``step``: linear in steps, 0 → w_max,
-    held from ``rank_weight_hold_from`` of training."""
+    held from ``rank_weight_hold_from`` of training; ``constant``: w = w_max from the first step (no ramp; the
+    ablation of the warm-up)."""
     rank_weight_max: float = 2.0
     """The ramp's plateau w_max."""
     rank_weight_hold_from: float = 2.0 / 3.0

@@ -22,7 +22,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -133,11 +135,16 @@ def draw_scene(scene: Scene, image_size: int, rng: random.Random) -> Image.Image
                 if len(centres) == scene.count:
                     break
     for cx, cy in centres:
-        if scene.shape == "circle":
-            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
-        else:
-            draw.polygon(_polygon(scene.shape, cx, cy, radius), fill=colour)
+        draw_shape(draw, scene.shape, cx, cy, radius, colour)
     return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, fill) -> None:
+    """Draws one filled ``shape`` centred at (cx, cy) that fits in a circle of ``radius`` (also used by scenes.py)."""
+    if shape == "circle":
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, radius), fill=fill)
 
 
 def sample_scene(rng: random.Random, pairs: list[tuple[str, str]], allow_multi: bool = True) -> Scene:
@@ -198,10 +205,13 @@ def make_sample(
     return sample
 
 
-def _write_split(out: Path, prefix: str, split: int, count: int, samples_per_shard: int, **kw) -> dict[str, int]:
+def write_split(
+    out: Path, prefix: str, count: int, samples_per_shard: int, make: Callable[[int], dict]
+) -> dict[str, int]:
+    """Writes samples ``make(0) … make(count - 1)`` as ``out/{prefix}-NNNNNN.tar`` + ``_manifest.json``."""
     with ShardSink(out, prefix, samples_per_shard) as sink:
         for i in range(count):
-            sink.write(make_sample(split, i, **kw))
+            sink.write(make(i))
     manifest = {"shards": sink.shard_counts, "total": count}
     (out / "_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return sink.shard_counts
@@ -227,8 +237,12 @@ def write_synthetic_dataset(
     out = Path(output_dir)
     kw = {"seed": seed, "image_size": image_size, "image_format": image_format, "quality": quality}
     start = time.perf_counter()
-    train = _write_split(out / "train", "synth-train", SPLIT_TRAIN, num_train, samples_per_shard, **kw)
-    zs = _write_split(out / "zeroshot", "synth-zs", SPLIT_ZEROSHOT, num_zeroshot, samples_per_shard, **kw)
+    train = write_split(
+        out / "train", "synth-train", num_train, samples_per_shard, partial(make_sample, SPLIT_TRAIN, **kw)
+    )
+    zs = write_split(
+        out / "zeroshot", "synth-zs", num_zeroshot, samples_per_shard, partial(make_sample, SPLIT_ZEROSHOT, **kw)
+    )
     elapsed = time.perf_counter() - start
     (out / "zeroshot" / "classnames.txt").write_text("\n".join(classnames()) + "\n")
     (out / "zeroshot" / "templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")

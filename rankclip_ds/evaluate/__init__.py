@@ -1,4 +1,5 @@
-"""Evaluation of dual encoders: zero-shot classification, image–text retrieval and linear probes.
+"""Evaluation of dual encoders: zero-shot classification, image–text retrieval, graded relevance and ranking
+consistency, and linear probes.
 
 The same functions serve the command line (``python -m rankclip_ds.evaluate``), the trainer's periodic hook and
 notebooks. They take plain arguments (a model, a tokenizer, data paths, transform settings) and return JSON-ready
@@ -22,6 +23,19 @@ from .metrics import (
     retrieval_metrics,
     retrieval_ranks,
 )
+from .relevance import relevance_eval, shared_fact_relevance
+from .relevance_metrics import (
+    RelevanceRanking,
+    alignment,
+    average_precision,
+    kendall_tau_b,
+    modality_gap,
+    ndcg_at_k,
+    relevance_metrics,
+    relevance_ranking,
+    spearman,
+    uniformity,
+)
 from .report import append_jsonl, format_summary, log_eval, scalar_summary, write_json
 from .retrieval import retrieval_eval
 from .templates import OPENAI_IMAGENET_TEMPLATES, fill_template, resolve_templates
@@ -34,8 +48,11 @@ __all__ = [
     "ClassificationCounts",
     "EvalData",
     "ImageFeatures",
+    "RelevanceRanking",
     "RetrievalRanks",
+    "alignment",
     "append_jsonl",
+    "average_precision",
     "best_positive_rank",
     "build_zeroshot_classifier",
     "classification_counts",
@@ -46,19 +63,28 @@ __all__ = [
     "fit_logistic_regression",
     "format_summary",
     "hits_at_k",
+    "kendall_tau_b",
     "linear_probe_eval",
     "linear_probe_from_features",
     "list_image_folder",
     "log_eval",
+    "modality_gap",
+    "ndcg_at_k",
     "open_eval_data",
     "rank_of_target",
     "recall_at_k",
+    "relevance_eval",
+    "relevance_metrics",
+    "relevance_ranking",
     "resolve_classnames",
     "resolve_templates",
     "retrieval_eval",
     "retrieval_metrics",
     "retrieval_ranks",
     "scalar_summary",
+    "shared_fact_relevance",
+    "spearman",
+    "uniformity",
     "write_json",
     "zeroshot_classifier_from_embeddings",
     "zeroshot_eval",

@@ -1,10 +1,11 @@
-"""Command line: ``python -m rankclip_ds.evaluate {zeroshot,retrieval,linear-probe} --model PATH ...``.
+"""Command line: ``python -m rankclip_ds.evaluate {zeroshot,retrieval,relevance,linear-probe} --model PATH ...``.
 
 Examples::
 
     python -m rankclip_ds.evaluate zeroshot --model runs/demo/export --data data/synthetic/zeroshot \\
         --templates openai --output zs.json
     python -m rankclip_ds.evaluate retrieval --model runs/demo/export --data "coco/val-{0000..0004}.tar"
+    python -m rankclip_ds.evaluate relevance --model runs/demo/export --data data/scenes/eval
     python -m rankclip_ds.evaluate linear-probe --model runs/demo/export --train-data train/ --test-data val/
     torchrun --nproc_per_node 8 -m rankclip_ds.evaluate zeroshot --model ... --data ...   # every GPU embeds a slice
 
@@ -36,10 +37,21 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 1,5,10") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers ≥ 1, e.g. 1,5,10")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rankclip_ds.evaluate",
-        description="Zero-shot classification, image-text retrieval or a linear probe of an exported model. "
+        description="Zero-shot classification, image-text retrieval, graded relevance and ranking consistency, or a "
+        "linear probe of an exported model. "
         "Launch under torchrun (or srun, deepspeed) to spread the work over every rank. See docs/evaluation.md.",
     )
     sub = parser.add_subparsers(dest="task", required=True)
@@ -68,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("retrieval", parents=[common], help="image-text retrieval Recall@1/5/10")
     rt.add_argument("--data", required=True, help="shards with an image and one or several captions per sample")
     rt.add_argument("--captions", default=AUTO_CAPTIONS, help="auto, txt or json:FIELD (a string or a list)")
+
+    rel = sub.add_parser("relevance", parents=[common], help="NDCG, mAP, rank correlation against graded relevance")
+    rel.add_argument("--data", required=True, help="shards with an image, a .txt caption and a .json of facts")
+    rel.add_argument("--relevance", default=None, help=".npy (N, N) relevance matrix (default: shared .json facts)")
+    rel.add_argument("--ks", type=_ints, default=(1, 5, 10), help="comma-separated k of NDCG@k, e.g. 1,5,10")
 
     lp = sub.add_parser("linear-probe", parents=[common], help="logistic regression on frozen image features")
     lp.add_argument("--train-data", required=True, help="labelled shards or an ImageFolder directory")
@@ -137,7 +154,7 @@ def _common_options(args: argparse.Namespace, model, device: str) -> dict:
 
 def _run_task(args: argparse.Namespace, model, tokenizer, common: dict, max_length: int) -> dict:
     """Runs ``args.task`` on its data and returns the result dict."""
-    from . import linear_probe_eval, retrieval_eval, zeroshot_eval
+    from . import linear_probe_eval, relevance_eval, retrieval_eval, zeroshot_eval
 
     if args.task == "zeroshot":
         return zeroshot_eval(
@@ -157,6 +174,17 @@ def _run_task(args: argparse.Namespace, model, tokenizer, common: dict, max_leng
             tokenizer,
             data=args.data,
             captions=args.captions,
+            max_length=max_length,
+            text_batch_size=args.text_batch_size,
+            **common,
+        )
+    if args.task == "relevance":
+        return relevance_eval(
+            model,
+            tokenizer,
+            data=args.data,
+            relevance=args.relevance,
+            ks=args.ks,
             max_length=max_length,
             text_batch_size=args.text_batch_size,
             **common,

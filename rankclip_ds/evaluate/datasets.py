@@ -159,7 +159,8 @@ class EvalData:
     """An evaluation input opened for this rank: iterate ``loader`` for batches.
 
     Batches are dicts: ``index`` long (B,) sort keys, ``image`` float32 (B, 3, H, W) normalised, ``key`` list[str],
-    plus ``label`` long (B,) when labels were asked for and ``captions`` list[list[str]] when captions were.
+    plus ``label`` long (B,) when labels were asked for, ``captions`` list[list[str]] when captions were and
+    ``json`` list[dict] (the parsed ``.json`` member) when metadata was.
     """
 
     loader: DataLoader
@@ -176,6 +177,8 @@ class EvalData:
     """Samples this rank reads before skips (None when a shard count is unknown)."""
     num_batches: int | None = None
     """Batches this rank's loader yields at most (None when unknown)."""
+    has_metadata: bool = False
+    """Batches carry ``json`` (the parsed ``.json`` member of each sample)."""
 
 
 class _EvalStream(IterableDataset):
@@ -195,8 +198,9 @@ class _EvalStream(IterableDataset):
         label_key: str,
         max_pixels: int,
         skips: SkipCounter,
+        metadata: bool = False,
     ):
-        self.pieces, self.files, self.root = pieces, files, root
+        self.pieces, self.files, self.root, self.metadata = pieces, files, root, metadata
         self.transform, self.batch_size = transform, batch_size
         self.want_labels, self.caption_key, self.num_classes = want_labels, caption_key, num_classes
         self.label_key, self.max_pixels, self.skips = label_key, max_pixels, skips
@@ -248,6 +252,19 @@ class _EvalStream(IterableDataset):
             key = "txt"
         return extract_captions(record, key, self.skips)
 
+    def _metadata(self, record: dict) -> dict | None:
+        """The parsed ``.json`` member (a JSON object), or None after counting why there is none."""
+        raw = record.get("json")
+        try:
+            value = json.loads(raw.decode("utf-8")) if raw else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            value = None
+        if not isinstance(value, dict):
+            detail = "no .json member" if not raw else ".json is not a JSON object"
+            self.skips.add("bad_json", record["__url__"], record["__key__"], detail=detail)
+            return None
+        return value
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         pieces = split_contiguous(self.pieces, info.num_workers, info.id) if info is not None else self.pieces
@@ -261,6 +278,9 @@ class _EvalStream(IterableDataset):
             captions = self._captions(record) if self.caption_key else None
             if self.caption_key and captions is None:
                 continue
+            meta = self._metadata(record) if self.metadata else None
+            if self.metadata and meta is None:
+                continue
             img = open_image(record, self.skips, self.max_pixels)
             rgb = load_rgb(img, record, self.skips, min_size) if img is not None else None
             if rgb is None:
@@ -270,7 +290,7 @@ class _EvalStream(IterableDataset):
             except Exception as exc:  # a transform failure drops the sample, never the evaluation
                 self.skips.add("transform_error", record["__url__"], record["__key__"], detail=repr(exc))
                 continue
-            rows.append((index, pixels, label, captions, record["__key__"]))
+            rows.append((index, pixels, label, captions, record["__key__"], meta))
             if len(rows) == self.batch_size:
                 yield self._collate(rows)
                 rows = []
@@ -280,7 +300,7 @@ class _EvalStream(IterableDataset):
 
     def _collate(self, rows: list[tuple]) -> dict:
         self.skips.flush()
-        index, pixels, labels, captions, keys = zip(*rows, strict=True)
+        index, pixels, labels, captions, keys, metas = zip(*rows, strict=True)
         batch = {
             "index": torch.tensor(index, dtype=torch.long),
             "image": self.transform.collate(pixels),  # (B, 3, H, W) float32
@@ -290,6 +310,8 @@ class _EvalStream(IterableDataset):
             batch["label"] = torch.tensor(labels, dtype=torch.long)
         if self.caption_key:
             batch["captions"] = list(captions)
+        if self.metadata:
+            batch["json"] = list(metas)
         return batch
 
 
@@ -306,6 +328,7 @@ def open_eval_data(
     rank: int = 0,
     world_size: int = 1,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    metadata: bool = False,
 ) -> EvalData:
     """Open ``data`` (shards or an ImageFolder directory) for this rank.
 
@@ -315,6 +338,8 @@ def open_eval_data(
             against the class names when they are known.
         captions: None, ``"auto"`` (the ``.json`` member's ``captions`` list when present, else ``.txt``), ``"txt"``
             or ``"json:FIELD"`` (a string or a list of strings). Shards only.
+        metadata: give each batch the samples' parsed ``.json`` members (``json``: list[dict]); a sample without a
+            JSON object there is skipped (``bad_json``). Shards only.
         rank, world_size: this process's contiguous slice of the input (see the module doc).
     """
     if batch_size < 1:
@@ -326,8 +351,8 @@ def open_eval_data(
     names = resolve_classnames(data, classnames) if labels else None
     skips = SkipCounter(shared=num_workers > 0)
     if isinstance(data, str) and _is_folder_input(data):
-        if captions:
-            raise ValueError(f"{data!r} is an ImageFolder directory: captions (retrieval) need shards")
+        if captions or metadata:
+            raise ValueError(f"{data!r} is an ImageFolder directory: captions and .json metadata need shards")
         paths, folder_labels, folders = list_image_folder(data)
         if names is not None and len(names) < len(folders):
             raise ValueError(
@@ -354,6 +379,7 @@ def open_eval_data(
         label_key=label_key,
         max_pixels=max_pixels,
         skips=skips,
+        metadata=metadata,
     )
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     num_batches = None
@@ -371,4 +397,5 @@ def open_eval_data(
         caption_key=captions,
         num_local=num_local,
         num_batches=num_batches,
+        has_metadata=metadata,
     )

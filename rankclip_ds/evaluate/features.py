@@ -50,6 +50,8 @@ class ImageFeatures:
     """One list of captions per image, when asked for."""
     skipped: dict[str, int] | None = None
     """Samples (and ignored members) skipped while reading, by reason, summed over ranks."""
+    metadata: list[dict] | None = None
+    """The parsed ``.json`` member of each image's sample, when asked for (``open_eval_data(metadata=True)``)."""
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -154,7 +156,7 @@ def extract_image_features(
     rank, world = dist_rank_world()
     encode = model.encode_image if feature == "embedding" else model.image_tower
     dtype = _float_dtype(model.image_tower)
-    feats, index, labels, captions, keys = [], [], [], [], []
+    feats, index, labels, captions, keys, metas = [], [], [], [], [], []
     bar = tqdm(total=data.num_batches, desc=desc, disable=not progress or rank != 0, leave=False)
     with _eval_mode(model):
         batches = iter(data.loader)
@@ -175,6 +177,7 @@ def extract_image_features(
                 labels.append(batch["label"])
             if "captions" in batch:
                 captions.extend(batch["captions"])
+            metas.extend(batch.get("json", ()))
             bar.update(1)
     bar.close()
     dim = _feature_dim(model, feature)
@@ -186,6 +189,7 @@ def extract_image_features(
     gathered = {name: _gather_rows(t, device) for name, t in local.items()}
     all_keys = [k for part in _gather_objects(keys) for k in part]
     all_captions = [c for part in _gather_objects(captions) for c in part] if data.caption_key else None
+    all_metas = [m for part in _gather_objects(metas) for m in part] if data.has_metadata else None
     skipped: dict[str, int] = {}
     for part in _gather_objects(data.skips.counts()):
         for reason, n in part.items():
@@ -198,6 +202,7 @@ def extract_image_features(
         keys=[all_keys[i] for i in order.tolist()],
         labels=gathered["labels"][order] if data.has_labels else None,
         captions=[all_captions[i] for i in order.tolist()] if all_captions is not None else None,
+        metadata=[all_metas[i] for i in order.tolist()] if all_metas is not None else None,
         skipped=skipped,
     )
 

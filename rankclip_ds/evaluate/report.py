@@ -49,11 +49,20 @@ def scalar_summary(result: dict, prefix: str | None = None) -> dict[str, float]:
     return out
 
 
+# Results that are not fractions of queries (distances, log-means, correlations in [-1, 1]): printed as they are.
+_RAW_VALUES = ("modality_gap", "alignment", "uniformity", "spearman", "kendall")
+
+
+def _is_fraction(name: str) -> bool:
+    return not any(raw in name for raw in _RAW_VALUES)
+
+
 def format_summary(result: dict) -> str:
-    """A few readable lines: the headline numbers in percent, the counts, skipped input."""
+    """A few readable lines: the headline numbers (fractions in percent, distances and correlations as they are),
+    the counts, skipped input."""
     task = result.get("task", "eval")
     scalars = scalar_summary(result, prefix="")
-    parts = [f"{name} {100 * v:.2f}%" for name, v in scalars.items()]
+    parts = [f"{name} {100 * v:.2f}%" if _is_fraction(name) else f"{name} {v:.4g}" for name, v in scalars.items()]
     counts = [f"{k}={v}" for k, v in result.items() if k.startswith("num_")]
     lines = [f"[{task}] " + "  ".join(parts), "  " + "  ".join(counts)]
     if result.get("best_weight_decay") is not None:

@@ -52,6 +52,8 @@ class TrainingLoss:
         cfg, length = self.cfg, self.length
         if not cfg.ranking:
             return 0.0
+        if cfg.rank_weight_schedule == "constant":
+            return cfg.rank_weight_max
         if cfg.rank_weight_schedule == "epoch":
             epoch = step // length.steps_per_epoch + 1  # the released code counts epochs from 1
             return epoch_rank_weight(epoch, length.epochs, w_max=cfg.rank_weight_max)
