@@ -113,16 +113,28 @@ def compare(shards: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=550, env=clean_launcher_env(), cwd=REPO_ROOT)
 
 
+@pytest.fixture(scope="module")
+def tiny_scenes(tmp_path_factory) -> Path:
+    """A tiny many-to-many scenes dataset (32 px), so that the relevance evaluation runs too."""
+    from rankclip_ds.data.scenes import write_scene_dataset
+
+    out = tmp_path_factory.mktemp("scenes")
+    write_scene_dataset(out, num_train=256, num_eval=48, num_zeroshot=64, image_size=32, samples_per_shard=64)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_tiny_comparison_resumes(shards, tmp_path):
+def test_tiny_comparison_resumes(tiny_scenes, tmp_path):
+    shards = tiny_scenes
     out = tmp_path / "compare"
     proc = compare(shards, out)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     summary = json.loads((out / "summary.json").read_text())
     table = summary["table"]
     assert {"zeroshot/top1", "zeroshot/top5", "retrieval/mean_recall", "retrieval/image_to_text_R@1"} <= set(table)
+    assert {"relevance/i2t_ndcg@10", "relevance/t2t_spearman", "relevance/modality_gap"} <= set(table)
     for metric, row in table.items():
         for variant in ("clip", "rankclip"):
             task, name = metric.split("/")
@@ -152,7 +164,7 @@ def test_tiny_comparison_resumes(shards, tmp_path):
         image.verify()
     # a rerun trains and evaluates nothing again
     stamps = {p: p.stat().st_mtime_ns for p in [*(out / "results").glob("*.json"), *(out / "logs").glob("*.log")]}
-    assert len(stamps) == 4 + 4 * 3  # results; a training log and two evaluation logs per run
+    assert len(stamps) == 4 + 4 * 4  # results; a training log and three evaluation logs per run
     again = compare(shards, out)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert again.stdout.count("done before, skipped") == 4, again.stdout

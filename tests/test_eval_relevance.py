@@ -304,7 +304,8 @@ def test_scoring_stays_on_the_device_without_host_reads():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        q, rel = torch.randn(6, 4, device="cuda"), torch.rand(6, 6, device="cuda")
+        # The relevance on the CPU, as the shared-facts matrix and a user's .npy arrive; the embeddings on the GPU.
+        q, rel = torch.randn(6, 4, device="cuda"), torch.rand(6, 6)
         cpu_ops = CpuOps()
         with cpu_ops:
             ranked = relevance_ranking(q, q, rel, ks=(1, 3), exclude_self=True, block_size=4)

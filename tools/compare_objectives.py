@@ -129,7 +129,12 @@ def build_variants(args: argparse.Namespace) -> dict[str, list[str]]:
         if not split_list(values):
             raise SystemExit(f"error: --sweep {sweep!r} has no values: write e.g. --sweep {key}=1,2,4")
         for value in split_list(values):
-            out[f"rankclip+{key.split('.')[-1]}={value}".replace("/", "_")] = [f"--{key}", value]
+            name = f"rankclip+{key.split('.')[-1]}={value}".replace("/", "_")
+            if name in out:  # two sweeps whose keys end alike (loss.x and optim.x) would share a name
+                name = f"rankclip+{key}={value}".replace("/", "_")
+            if name in out:
+                raise SystemExit(f"error: --sweep {key}={value} is given twice; give each value once")
+            out[name] = [f"--{key}", value]
     if not out:
         raise SystemExit("error: no variants: give --variants and/or --sweep")
     return out

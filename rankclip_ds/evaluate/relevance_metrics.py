@@ -68,6 +68,8 @@ class RelevanceRanking(NamedTuple):
     """(Q,) float64 tau-b, NaN where the relevance row or the score row is constant."""
     nonfinite: torch.Tensor
     """() long: query rows with a non-finite score."""
+    bad_relevance: torch.Tensor
+    """() long: negative or non-finite relevance entries (the relevance is moved to the embeddings' device first)."""
 
 
 def _descending_order(scores: torch.Tensor) -> torch.Tensor:
@@ -216,7 +218,8 @@ def relevance_ranking(
         raise ValueError(f"ks={tuple(ks)}: give at least one k ≥ 1, e.g. (1, 5, 10)")
     if num_k - int(exclude_self) < 2:
         raise ValueError(f"ranking needs at least 2 candidates per query, got {num_k - int(exclude_self)}")
-    relevance = relevance.to(query_emb.device)
+    relevance = relevance.to(query_emb.device)  # a CPU matrix (shared facts, a user's .npy) beside CUDA embeddings
+    bad_relevance = (~torch.isfinite(relevance) | (relevance < 0)).sum()
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     nonfinite = torch.zeros((), dtype=torch.long, device=query_emb.device)
     for i in range(0, num_q, block_size):
@@ -228,7 +231,7 @@ def relevance_ranking(
         parts[1].append(average_precision(scores, rel))
         parts[2].append(spearman(scores, rel))
         parts[3].append(kendall_tau_b(scores, rel))
-    return RelevanceRanking(torch.cat(parts[0], dim=1), *(torch.cat(p) for p in parts[1:]), nonfinite)
+    return RelevanceRanking(torch.cat(parts[0], dim=1), *(torch.cat(p) for p in parts[1:]), nonfinite, bad_relevance)
 
 
 def relevance_metrics(
@@ -248,13 +251,12 @@ def relevance_metrics(
         correlations over the queries whose relevance and score rows are not constant (``num_constant`` left out).
         A mean over no query is ``None``. Relevance must be finite and ≥ 0 (a ``ValueError`` otherwise).
     """
-    bad = ~torch.isfinite(relevance) | (relevance < 0)
     ranked = relevance_ranking(query_emb, cand_emb, relevance, ks=ks, exclude_self=exclude_self, block_size=block_size)
     per_query = torch.cat([ranked.ndcg, ranked.ap.unsqueeze(0), ranked.spearman.unsqueeze(0), ranked.kendall[None]])
     defined = ~torch.isnan(per_query)  # (len(ks) + 3, Q)
     sums = torch.where(defined, per_query, 0.0).sum(dim=1)
     counts = defined.sum(dim=1)
-    head = torch.stack([bad.sum(), ranked.nonfinite]).double()
+    head = torch.stack([ranked.bad_relevance, ranked.nonfinite]).double()
     host = torch.cat([head, sums, counts.double()]).tolist()  # one read
     if host[0]:
         raise ValueError(f"relevance holds {int(host[0])} negative or non-finite entries; give finite values ≥ 0")
