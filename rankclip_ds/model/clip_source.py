@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..problems import ConfigError, problem_message
+from .hub import download_text_model, hub_cache, offline
 
 if TYPE_CHECKING:
     import torch
@@ -62,12 +63,10 @@ class ClipSource:
 
 
 def _hub_miss(repo_id: str, why: str) -> SourceMissing:
-    from huggingface_hub import constants
-
     return SourceMissing(
         "model.init_from",
         repo_id,
-        f"neither a local folder nor in the Hugging Face cache {constants.HF_HUB_CACHE!r} ({why})",
+        f"neither a local folder nor in the Hugging Face cache {str(hub_cache())!r} ({why})",
         f"fill the cache on a machine with network access: hf download {repo_id} (with the same HF_HOME / "
         "HF_HUB_CACHE), or unset HF_HUB_OFFLINE so that rank 0 downloads it, or give a local CLIPModel folder",
         hub_id=True,
@@ -76,26 +75,17 @@ def _hub_miss(repo_id: str, why: str) -> SourceMissing:
 
 def _hub_snapshot(repo_id: str, *, local_files_only: bool) -> Path:
     """The cached snapshot folder of ``repo_id`` holding config, tokenizer and one weights file (downloaded into
-    the standard cache unless ``local_files_only`` or ``HF_HUB_OFFLINE=1``)."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    the standard cache unless ``local_files_only`` or ``HF_HUB_OFFLINE=1``), through the text tower's download
+    (:func:`.hub.download_text_model`)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = local_files_only or constants.HF_HUB_OFFLINE
-    why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "downloads are not allowed here"
+    why = "HF_HUB_OFFLINE=1" if offline() else "downloads are not allowed here"
     try:
-        # Config and tokenizer files plus safetensors weights; the PyTorch .bin only where the repo has no safetensors.
-        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "model*.safetensors"],
-                                        local_files_only=offline))  # fmt: skip
-        if not any((folder / name).is_file() for name in _HF_WEIGHTS):
-            folder = Path(snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"], local_files_only=offline))
+        folder = download_text_model(repo_id, local_files_only=local_files_only or offline(), field="model.init_from")
     except LocalEntryNotFoundError as exc:
         raise _hub_miss(repo_id, why) from exc
-    except RepositoryNotFoundError as exc:
-        raise ConfigError(
-            problem_message("model.init_from", repo_id, "no such model repository on the hub", "check the id")
-        ) from exc
-    if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in _HF_WEIGHTS):
-        raise _hub_miss(repo_id, f"the cached snapshot {str(folder)!r} lacks config.json or the weights")
+    if not any((folder / name).is_file() for name in _HF_WEIGHTS):
+        raise _hub_miss(repo_id, f"the cached snapshot {str(folder)!r} lacks the weights")
     return folder
 
 

@@ -130,24 +130,30 @@ def has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
-def download_text_model(repo_id: str, *, weights: bool = True) -> Path:
+def download_text_model(
+    repo_id: str, *, weights: bool = True, local_files_only: bool = False, field: str = "model.text.name_or_path"
+) -> Path:
     """Download ``repo_id``'s config and tokenizer, and with ``weights`` one weight format (safetensors when the
-    repository has them, else the pickled files), into the cache; returns the snapshot folder."""
+    repository has them, else the pickled files), into the cache; returns the snapshot folder. With
+    ``local_files_only`` nothing is downloaded and a cache miss raises huggingface_hub's
+    ``LocalEntryNotFoundError`` (the caller words the miss). ``field`` is the setting named in errors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     patterns = [*_TEXT_PATTERNS, *(_SAFETENSORS_PATTERNS if weights else ())]
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_files_only))
         if weights and not has_weights(folder):
-            folder = Path(snapshot_download(repo_id, allow_patterns=list(_PICKLE_PATTERNS)))
+            folder = Path(
+                snapshot_download(repo_id, allow_patterns=list(_PICKLE_PATTERNS), local_files_only=local_files_only)
+            )
     except RepositoryNotFoundError as exc:  # also a gated repository without access
         problem = f"the Hugging Face hub has no model repository of that name, or it is gated ({type(exc).__name__})"
         fix = "check the id on huggingface.co; for a gated model accept its terms there and run `hf auth login`"
-        raise ConfigError(problem_message("model.text.name_or_path", repo_id, problem, fix)) from exc
+        raise ConfigError(problem_message(field, repo_id, problem, fix)) from exc
     if not (folder / "config.json").is_file():
         problem = "its hub repository has no config.json: it is not a transformers model"
-        raise ConfigError(problem_message("model.text.name_or_path", repo_id, problem, "use a transformers model"))
+        raise ConfigError(problem_message(field, repo_id, problem, "use a transformers model"))
     return folder
 
 
