@@ -31,7 +31,9 @@ from typing import NamedTuple
 from .nccl_diagnostics import apply_nccl_diagnostics
 
 __all__ = [
+    "DistEnvError",
     "DistInfo",
+    "RendezvousError",
     "expand_slurm_nodelist",
     "init_distributed",
     "read_dist_env",
@@ -83,6 +85,11 @@ class DistInfo:
 
 class DistEnvError(RuntimeError):
     """The launcher environment is inconsistent; the message names the variables."""
+
+
+class RendezvousError(DistEnvError):
+    """The process group could not be formed: the rendezvous endpoint never answered, or not every rank joined it
+    within ``dist.timeout_minutes``. The message names the endpoint, the ranks, the timeout and the fix."""
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -321,12 +328,52 @@ def init_distributed(
         port,
         info.launcher,
     )
-    if use_deepspeed:
-        import deepspeed
+    try:
+        attempt_store = _elastic_attempt_store(info, timeout)
+        if attempt_store is not None:  # DeepSpeed adopts a group that exists
+            dist.init_process_group(
+                backend=info.backend, store=attempt_store, rank=info.rank, world_size=info.world_size, timeout=timeout
+            )
+        if use_deepspeed:
+            import deepspeed
 
-        deepspeed.init_distributed(dist_backend=info.backend, timeout=timeout, auto_mpi_discovery=False)
-    else:
-        dist.init_process_group(backend=info.backend, timeout=timeout)
+            deepspeed.init_distributed(dist_backend=info.backend, timeout=timeout, auto_mpi_discovery=False)
+        elif attempt_store is None:
+            dist.init_process_group(backend=info.backend, timeout=timeout)
+    except (dist.DistError, RuntimeError, TimeoutError, OSError) as exc:
+        raise rendezvous_error(info, port, timeout_minutes, exc) from exc
+
+
+def _elastic_attempt_store(info: DistInfo, timeout: datetime.timedelta):
+    """Under torchrun, this attempt's rendezvous store in a key space of its own (None for other launchers).
+
+    torchrun's agent serves the workers' store for the whole job: after ``--max-restarts`` restarts a failed group,
+    the new ranks found the addresses the dead attempt had published there (gloo: ``connectFullMesh failed ...
+    Connection refused``). Keys prefixed with ``TORCHELASTIC_RESTART_COUNT`` give each attempt a clean slate."""
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if info.launcher != "torchrun" or attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=info.rank, world_size=info.world_size, timeout=timeout))
+    return dist.PrefixStore(f"rankclip_ds/attempt_{attempt}/", store)
+
+
+def rendezvous_error(info: DistInfo, port: int, timeout_minutes: float, exc: BaseException) -> RendezvousError:
+    """The :class:`RendezvousError` for a process-group initialisation that failed with ``exc`` (in torch 2.14: a
+    ``DistNetworkError`` when nothing listens at the endpoint, a ``DistStoreError`` "Timed out after ... waiting for
+    clients" on rank 0 or "wait timeout ... keys: /default_pg/..." when some ranks never came). Both the store's
+    connect and its waits are bounded by the process-group timeout, ``dist.timeout_minutes``."""
+    nodes = max(1, info.world_size // max(1, info.local_world_size))
+    text = " ".join(str(exc).split())
+    return RendezvousError(
+        f"rank {info.rank} of {info.world_size} (node {info.node_rank}, launcher {info.launcher}) could not form the "
+        f"process group at the rendezvous endpoint {info.master_addr}:{port} (MASTER_ADDR:MASTER_PORT) within "
+        f"{timeout_minutes:g} min (dist.timeout_minutes): {type(exc).__name__}: {text[:400]}. Fix: check that "
+        f"{info.master_addr}:{port} is the address of rank 0's host and reachable from this node (the right network "
+        f"interface, no firewall), and that all {info.world_size} ranks ({nodes} node(s) × {info.local_world_size} "
+        "ranks) were started; a slow start-up (a busy file system, a JIT build) needs a larger dist.timeout_minutes."
+    )
 
 
 class _RankFilter(logging.Filter):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config, ModelConfig
+from .data.plan import default_streams
+from .data.redact import redact
 from .preflight import preflight
 from .problems import ConfigError, format_problems
 from .resolved import ResolvedRun
@@ -82,7 +84,13 @@ class DryRunReport:
             f"betas {tuple(cfg.optim.betas)} wd {cfg.optim.weight_decay}, cosine to {sched.min_lr_ratio}×lr"
         )
         lines.extend(_group_lines(self.param_groups))
-        lines.append(f"  data              {cfg.data.train_data} ({cfg.data.mode} mode)")
+        lines.append(f"  data              {redact(cfg.data.train_data)} ({cfg.data.mode} mode)")
+        batch = run.batch
+        streams = default_streams(batch.world_size, cfg.data.num_workers, batch.global_batch_size, cfg.data.streams)
+        lines.append(
+            f"  data order        {streams} streams{'' if cfg.data.streams else ' (one per rank and worker)'}, "
+            f"{batch.global_batch_size // streams}+ samples each per step; a resume keeps the checkpoint's"
+        )
         lines.append(f"  run folder        {cfg.run.output_dir}/{cfg.run.name}")
         lines.extend(f"  note: {n}" for n in self.notes)
         lines.append("DeepSpeed config (resolved):")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BatchSizes, Config, resolve_batch
+from .config.batch import nodes_hint
 from .model.checks import check_image_tower, check_text_tower
 from .model.clip_init import check_init_from
 from .model.lock import check_locks
@@ -42,13 +43,17 @@ def _batch_text(batch: BatchSizes) -> str:
     )
 
 
-def _check_batch(cfg: Config, world_size: int) -> tuple[BatchSizes | None, list[Problem]]:
+def _check_batch(
+    cfg: Config, world_size: int, ranks_per_node: int | None = None
+) -> tuple[BatchSizes | None, list[Problem]]:
     """Batch arithmetic for this world size, and the checks that need it (the loss's chunk against its local rows,
-    a virtual epoch against one step)."""
+    a virtual epoch against one step). ``ranks_per_node`` (the launcher's local world size) names the nodes of a
+    multi-node world in the message of a batch that does not fit it."""
     try:
         batch = resolve_batch(cfg.optim, world_size)
     except ConfigError as exc:
-        return None, [Problem("optim.global_batch_size", str(exc))]
+        hint = nodes_hint(cfg.optim, world_size, ranks_per_node)
+        return None, [Problem("optim.global_batch_size", f"{exc}." + hint if hint else str(exc))]
     problems = []
     rows = batch.loss_local_rows
     if cfg.loss.chunk_size is not None and cfg.loss.chunk_size > rows:
@@ -68,6 +73,16 @@ def _check_batch(cfg: Config, world_size: int) -> tuple[BatchSizes | None, list[
             )
         )
     data = cfg.data
+    if data.streams is not None and data.streams > batch.global_batch_size:
+        problems.append(
+            Problem.of(
+                "data.streams",
+                data.streams,
+                f"is larger than the global batch ({_batch_text(batch)}): every stream gives at least one sample to "
+                "each step",
+                f"use data.streams <= {batch.global_batch_size}, or null for one per rank and worker",
+            )
+        )
     # A virtual epoch shorter than one step gives the loader no batch (it refuses only once it is built).
     if (
         data.mode == "resampled"
@@ -351,11 +366,12 @@ def _check_fused_optimizer(cfg: Config, ds_json: dict[str, Any], source: str) ->
 
 # ------------------------------------------------------------------------------------------------ entry points
 def preflight(
-    cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str
+    cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str, ranks_per_node: int | None = None
 ) -> tuple[ResolvedRun | None, list[Problem]]:
     """Every problem the pre-flight finds, in config order, and the resolved run (batch sizes, DeepSpeed config)
-    when the batch and the JSON resolve; the run may start when the list is empty."""
-    batch, problems = _check_batch(cfg, world_size)
+    when the batch and the JSON resolve; the run may start when the list is empty. ``ranks_per_node``: the
+    launcher's ranks per node, to name the nodes of a multi-node world."""
+    batch, problems = _check_batch(cfg, world_size, ranks_per_node)
     ds, ds_problems = _check_deepspeed(cfg, ds_json, batch, ds_source)
     problems.extend(ds_problems)
     checks: list[Callable[[], list[Problem]]] = [
@@ -377,12 +393,14 @@ def preflight(
     return resolved, problems
 
 
-def run_preflight(cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str) -> ResolvedRun:
+def run_preflight(
+    cfg: Config, ds_json: dict[str, Any], world_size: int, *, ds_source: str, ranks_per_node: int | None = None
+) -> ResolvedRun:
     """The resolved run, or one :class:`ConfigError` listing every problem of this run.
 
     Needs no process group, builds no model and decodes no data; call it before anything heavy, on every rank
     (each rank checks the files it will read itself)."""
-    resolved, problems = preflight(cfg, ds_json, world_size, ds_source=ds_source)
+    resolved, problems = preflight(cfg, ds_json, world_size, ds_source=ds_source, ranks_per_node=ranks_per_node)
     if problems:
         raise ConfigError(format_problems(problems))
     assert resolved is not None  # no problem: the batch and the JSON resolved

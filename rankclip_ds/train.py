@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error (rank {info.rank}): {exc}", file=sys.stderr)
         return TRAINING_ERROR_EXIT_CODE
+    except DistEnvError as exc:  # the process group could not be formed (dist.RendezvousError)
+        print(f"launcher environment error (rank {info.rank}): {exc}", file=sys.stderr)
+        return CONFIG_ERROR_EXIT_CODE
 
 
 def _run(args: argparse.Namespace, overrides: list[str], info: DistInfo) -> int:
@@ -93,7 +96,13 @@ def _run(args: argparse.Namespace, overrides: list[str], info: DistInfo) -> int:
     # recorded and acted on by the loop, never fatal; restored on return for callers that go on (tests, notebooks).
     with StopRequest() as stop:
         # Every cheap check, all problems at once, before the process group, the model and the data loader.
-        run = run_preflight(cfg, load_deepspeed_json(args.deepspeed), info.world_size, ds_source=args.deepspeed)
+        run = run_preflight(
+            cfg,
+            load_deepspeed_json(args.deepspeed),
+            info.world_size,
+            ds_source=args.deepspeed,
+            ranks_per_node=info.local_world_size,
+        )
         trainer = Trainer(cfg, run, info)
         try:
             summary = trainer.train(stop)

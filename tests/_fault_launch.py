@@ -8,6 +8,9 @@ write, leaving a truncated file and no ``COMPLETE`` marker.
 writes its pid to ``<run>/paused_rank<rank>`` and sleeps: the test then kills or signals it at a known step (the
 steps of the tiny test model take tens of milliseconds, too fast to hit by polling).
 
+``RANKCLIP_TEST_NO_SPACE=<tag>:<rank>``: that rank's first file write of checkpoint ``<tag>`` fails with
+``OSError(ENOSPC)``, as on a full disk (nothing of the file is written).
+
 Everything else is the unmodified entry point.
 """
 
@@ -25,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 
-def arm_kill_during_save(spec: str) -> None:
+def on_checkpoint_write(spec: str, fault) -> None:
+    """``spec`` = ``<tag>:<rank>``: on that rank, ``fault(real_save, obj, path, ...)`` replaces the first
+    ``torch.save`` into checkpoint folder ``<tag>``."""
     tag, rank = spec.split(":")
     if os.environ.get("RANK") != rank:
         return
@@ -33,17 +38,27 @@ def arm_kill_during_save(spec: str) -> None:
 
     def save(obj, f, *args, **kwargs):
         if isinstance(f, (str, os.PathLike)) and f"{os.sep}{tag}{os.sep}" in str(f):
-            buffer = io.BytesIO()
-            real_save(obj, buffer, *args, **kwargs)
-            data = buffer.getvalue()
-            with open(f, "wb") as fh:
-                fh.write(data[: len(data) // 2])
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
+            return fault(real_save, obj, f, *args, **kwargs)
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = save
+
+
+def write_half_then_die(real_save, obj, f, *args, **kwargs) -> None:
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    with open(f, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def no_space(real_save, obj, f, *args, **kwargs) -> None:
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device", str(f))
 
 
 def arm_pause(spec: str) -> None:
@@ -66,8 +81,10 @@ def arm_pause(spec: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("RANKCLIP_TEST_PAUSE"):
         arm_pause(os.environ["RANKCLIP_TEST_PAUSE"])
+    if os.environ.get("RANKCLIP_TEST_NO_SPACE"):
+        on_checkpoint_write(os.environ["RANKCLIP_TEST_NO_SPACE"], no_space)
     if os.environ.get("RANKCLIP_TEST_KILL_DURING_SAVE"):
-        arm_kill_during_save(os.environ["RANKCLIP_TEST_KILL_DURING_SAVE"])
+        on_checkpoint_write(os.environ["RANKCLIP_TEST_KILL_DURING_SAVE"], write_half_then_die)
     from rankclip_ds.train import main
 
     sys.exit(main())

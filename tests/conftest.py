@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+from collections.abc import Callable
 from typing import NoReturn
 
 import pytest
@@ -75,6 +77,30 @@ def clean_launcher_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def run_ranks(
+    argv: Callable[[int], list[str]], *, world: int = 2, env: dict | None = None, timeout: float = 240
+) -> list[str]:
+    """Runs ``argv(rank)`` for every rank as a separate process with the env:// launcher variables (a fresh port),
+    waits for all of them (killing the rest after ``timeout``) and fails the test unless every one exited 0;
+    returns their combined stdout/stderr, by rank."""
+    base = {**clean_launcher_env(), **(env or {}), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}
+    base["MASTER_PORT"] = str(free_port())
+    procs = [
+        subprocess.Popen(
+            argv(rank), env={**base, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for rank in range(world)
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return logs
 
 
 @pytest.fixture

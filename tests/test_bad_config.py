@@ -147,6 +147,12 @@ MISTAKES = [
         ("--data.mode", "resampled", "--data.samples_per_epoch", "8"),
         ("data.samples_per_epoch=8", "global batch", ">= 16"),
     ),
+    Mistake(
+        "more data streams than samples in a global batch",
+        ("--data.streams", "17"),
+        ("data.streams=17", "larger than the global batch", "data.streams <= 16"),
+    ),
+    Mistake("zero data streams", ("--data.streams", "0"), ("data.streams=0", "must be >= 1", "null")),
     # --- more of the DeepSpeed JSON
     Mistake(
         "optimizer block in the DeepSpeed JSON",

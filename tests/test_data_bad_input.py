@@ -93,7 +93,7 @@ def record_stream_events(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Calla
     from rankclip_ds.data import pipeline
 
     folder.mkdir()
-    real_iter_records, real_epoch_stream = pipeline.iter_records, pipeline.ShardStream._epoch_stream
+    real_iter_records, real_epoch_records = pipeline.iter_records, pipeline.ShardStream._epoch_records
 
     def log(**event) -> None:
         with open(folder / f"{os.getpid()}.jsonl", "a") as f:
@@ -106,13 +106,13 @@ def record_stream_events(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Calla
             yield record
         log(kind="end", url=url, start=start, stop=stop)
 
-    def epoch_stream(stream, epoch, worker):
-        for record, padded in real_epoch_stream(stream, epoch, worker):
+    def epoch_records(dataset, plan, stream):
+        for record, padded in real_epoch_records(dataset, plan, stream):
             log(kind="use", key=record["__key__"], padded=padded)
             yield record, padded
 
     monkeypatch.setattr(pipeline, "iter_records", iter_records)
-    monkeypatch.setattr(pipeline.ShardStream, "_epoch_stream", epoch_stream)
+    monkeypatch.setattr(pipeline.ShardStream, "_epoch_records", epoch_records)
     return lambda: [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from test_data_pipeline import write_shards
+
+from conftest import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,35 +50,8 @@ def free_port() -> int:
 @pytest.mark.timeout(240)
 def test_uneven_shards_two_ranks_two_workers_two_epochs(tmp_path):
     spec, keys = write_shards(tmp_path / "shards", sizes=[5, 17, 2, 11, 8])  # 43 samples: not a multiple of 2×3
-    port = free_port()
-    procs, outs = [], []
-    for rank in range(2):
-        out = tmp_path / f"rank{rank}.json"
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            PYTHONPATH=str(REPO),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, spec, str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-        outs.append(out)
-    try:
-        logs = [p.communicate(timeout=200)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    outs = [tmp_path / f"rank{rank}.json" for rank in range(2)]
+    run_ranks(lambda rank: [sys.executable, "-c", WORKER, spec, str(outs[rank])], timeout=200)
     results = [json.loads(o.read_text()) for o in outs]
     assert results[0]["batches"] == results[1]["batches"] == [7, 7]  # 43 // 6
     for epoch_slice in (slice(0, 21), slice(21, 42)):

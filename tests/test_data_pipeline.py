@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from rankclip_ds.data import build_image_transform, build_train_loader
-from rankclip_ds.data.plan import plan_epoch
+from rankclip_ds.data.plan import StepLayout, plan_epoch
 from rankclip_ds.data.shard_writer import ShardSink
 
 SIZES = [7, 13, 20, 9, 31]  # 80 samples in 5 uneven shards
@@ -112,25 +112,40 @@ def test_order_does_not_depend_on_pythonhashseed(shards, tmp_path):
 
 def test_plan_is_equal_and_covers_each_record_once():
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for trial in range(40):
         counts = [int(c) for c in rng.integers(0, 50, size=int(rng.integers(1, 12)))]
-        world, workers, bs = int(rng.integers(1, 5)), int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        world, bs = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        global_batch = world * bs
+        layout = StepLayout(global_batch, int(rng.integers(1, global_batch + 1)))
         urls = [f"u{i}" for i in range(len(counts))]
-        if sum(counts) < world * bs:
-            with pytest.raises(ValueError, match="cannot give one batch"):
-                plan_epoch(urls, counts, seed=0, epoch=trial, world_size=world, num_workers=workers, batch_size=bs)
+        if sum(counts) < global_batch:
+            with pytest.raises(ValueError, match="cannot fill one global batch"):
+                plan_epoch(urls, counts, seed=0, epoch=trial, layout=layout)
             continue
-        plan = plan_epoch(urls, counts, seed=0, epoch=trial, world_size=world, num_workers=workers, batch_size=bs)
+        plan = plan_epoch(urls, counts, seed=0, epoch=trial, layout=layout)
         used = Counter()
-        for r in range(world):
-            for w in range(workers):
-                assert sum(p.stop - p.start for p in plan.pieces[r][w]) == plan.quotas[w] * bs
-                for p in plan.pieces[r][w]:
-                    for i in range(p.start, p.stop):
-                        used[(p.url, i)] += 1
+        for k in range(layout.streams):
+            # each stream's range is exactly its share of every step
+            assert sum(p.stop - p.start for p in plan.pieces[k]) == plan.steps * layout.share(k)
+            for p in plan.pieces[k]:
+                for i in range(p.start, p.stop):
+                    used[(p.url, i)] += 1
         assert max(used.values()) == 1
-        assert len(used) == plan.batches_per_rank * world * bs == sum(counts) - plan.dropped
-        assert plan.dropped < world * bs
+        assert len(used) == plan.steps * global_batch == sum(counts) - plan.dropped
+        assert plan.dropped < global_batch
+        # the ranks' segments tile the step's positions exactly once, in order
+        positions = [
+            layout.offset(seg.stream) + i
+            for r in range(world)
+            for seg in layout.rank_segments(r, world)
+            for i in range(seg.lo, seg.hi)
+        ]
+        assert positions == list(range(global_batch))
+
+
+def test_streams_larger_than_the_global_batch_are_refused():
+    with pytest.raises(ValueError, match=r"data\.streams=9 must be between 1 and the global batch 8"):
+        StepLayout(8, 9)
 
 
 @pytest.mark.parametrize("k_batches", [0, 1, 3, 4, 9, 10])
@@ -159,7 +174,7 @@ def test_spec_matching_no_file_is_a_startup_error(tmp_path):
 
 def test_too_little_data_is_refused_with_the_split(tmp_path):
     spec, _ = write_shards(tmp_path, sizes=[3, 2])
-    with pytest.raises(ValueError, match="cannot give one batch of 4 to each of 2 ranks"):
+    with pytest.raises(ValueError, match="cannot fill one global batch of 8"):
         make_loader(spec)
 
 

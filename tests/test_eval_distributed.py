@@ -4,7 +4,6 @@ forward passes even when one rank's slice holds fewer usable samples (as ZeRO-3'
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from test_eval_datasets import COLOURS, make_images, write_shards
 from test_eval_end_to_end import TINY
 
-from conftest import clean_launcher_env, free_port
+from conftest import run_ranks
 from rankclip_ds.config import load_config
 from rankclip_ds.evaluate import linear_probe_eval, retrieval_eval, zeroshot_eval
 from rankclip_ds.export import save_export
@@ -88,22 +87,11 @@ def test_two_ranks_match_one_process(tmp_path):
     }
     assert expected["zeroshot"]["num_samples"] == 18 and expected["zeroshot"]["skipped"] == {"decode_error": 6}
 
-    port = free_port()
-    procs, outs = [], []
-    for rank in range(2):
-        out = tmp_path / f"rank{rank}.json"
-        env = {**clean_launcher_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
-        env["MASTER_PORT"] = str(port)
-        cmd = [sys.executable, "-c", WORKER, str(export), labelled, retrieval, json.dumps(kw), str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
-    try:
-        logs = [p.communicate(timeout=260)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    outs = [tmp_path / f"rank{rank}.json" for rank in range(2)]
+    run_ranks(
+        lambda rank: [sys.executable, "-c", WORKER, str(export), labelled, retrieval, json.dumps(kw), str(outs[rank])],
+        timeout=260,
+    )
     results = [json.loads(o.read_text()) for o in outs]
     forwards = [r.pop("forwards") for r in results]
     assert forwards[0] == forwards[1]  # lockstep (a mismatch would also have failed the collectives above)

@@ -19,7 +19,7 @@ from sklearn.metrics import average_precision_score, ndcg_score
 from test_eval_datasets import COLOURS, make_images, write_shards
 from test_eval_end_to_end import TINY
 
-from conftest import clean_launcher_env, free_port
+from conftest import clean_launcher_env, run_ranks
 from rankclip_ds.config import load_config
 from rankclip_ds.data.transforms import build_image_transform
 from rankclip_ds.evaluate import (
@@ -475,20 +475,9 @@ def test_two_ranks_match_one_process(tiny, tmp_path):
     kw = {**kw, "batch_size": 2, "text_batch_size": 3, "ks": [1, 5]}
     expected = relevance_eval(model, tokenizer, data=spec, **kw)
     assert expected["skipped"] == {"decode_error": 1}
-    port, procs, outs = free_port(), [], []
-    for rank in range(2):
-        out = tmp_path / f"rank{rank}.json"
-        env = {**clean_launcher_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
-        env["MASTER_PORT"] = str(port)
-        cmd = [sys.executable, "-c", WORKER, str(export), spec, json.dumps(kw), str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outs.append(out)
-    try:
-        logs = [p.communicate(timeout=260)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    outs = [tmp_path / f"rank{rank}.json" for rank in range(2)]
+    run_ranks(
+        lambda rank: [sys.executable, "-c", WORKER, str(export), spec, json.dumps(kw), str(outs[rank])], timeout=260
+    )
     results = [json.loads(o.read_text()) for o in outs]
     assert results[0] == results[1] == json.loads(json.dumps(expected))

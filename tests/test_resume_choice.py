@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from rankclip_ds.config import BatchSizes, ConfigError
+from rankclip_ds.config import BatchSizes, ConfigError, load_config
 from rankclip_ds.trainer.checkpoint import CheckpointManager
 from rankclip_ds.trainer.resume import batches_consumed, choose_resume
 
@@ -99,3 +99,20 @@ def test_stepping_back_sets_the_later_checkpoints_aside_without_deleting_them(tm
     kept = sorted(p.name.rsplit("_", 1)[0] for p in tmp_path.glob("abandoned_*"))
     assert kept == ["abandoned_step_00000006", "abandoned_step_00000009", "abandoned_step_00000012"]
     assert (next(tmp_path.glob("abandoned_step_00000009_*")) / "COMPLETE").is_file()  # nothing deleted
+
+
+def test_a_resume_keeps_the_checkpoints_number_of_data_streams(tmp_path):
+    """The streams define the sample order: a resumed run takes the checkpoint's, whatever the default of its own
+    world size would be, and an explicit contradicting value is refused naming both."""
+    from rankclip_ds.trainer.checkpoint import LoadTarget
+    from rankclip_ds.trainer.setup import data_streams
+
+    cfg = load_config(overrides=[])
+    target = LoadTarget(tmp_path / "step_00000003", {"data_streams": 6, "world_size": 2}, universal=True)
+    assert data_streams(cfg, target) == 6
+    assert data_streams(cfg, None) is None  # a fresh run: the loader's default (one per rank and worker)
+    assert data_streams(load_config(overrides=["--data.streams", "6"]), target) == 6
+    old = LoadTarget(tmp_path / "step_00000003", {"world_size": 2}, universal=True)  # written before data_streams
+    assert data_streams(load_config(overrides=["--data.streams", "3"]), old) == 3
+    with pytest.raises(ConfigError, match=r"data\.streams=4: contradicts the checkpoint .*made of 6 streams"):
+        data_streams(load_config(overrides=["--data.streams", "4"]), target)

@@ -229,11 +229,17 @@ def test_resume_on_another_world_size_or_stage(runs, tmp_path, change):
     assert "loading DeepSpeed's universal form" in log and "written by 2 ranks" in log
     assert [r["step"] for r in resumed["records"]] == [4, 5, 6]
     # Step, schedule, optimizer moments and data position carried over: the losses continue the 2-rank run's.
-    # (A fresh optimizer or a data position off by one batch moves them by far more than the tolerance.)
-    # ZeRO-3's universal load rebuilds its flat fp32 partitions, which leaves float-rounding differences
-    # of ~1e-5 relative after a step; stages 1 and 2 reproduce the run to 2e-5.
-    rtol = 1e-4 if stage == 3 else RTOL
-    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(source)[3:]), rtol=rtol, atol=ATOL)
+    # (A fresh optimizer or a data position off by one batch moves them by far more than the tolerance.) Measured
+    # (tools/universal_resume_diff.py): the universal load restores the fp32 masters, Adam moments and steps bit for
+    # bit; what remains is 1 vs 2 ranks' float rounding, max 1.5e-6 relative over steps 4-6, stages 2 and 3.
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(source)[3:]), rtol=RTOL, atol=ATOL)
+    # The logit scale (no weight decay, a real gradient) continues the source's to float rounding (measured 0).
+    # DeepSpeed 0.19.8's ZeRO-3 universal load alone decays it like a weight (4.4e-4 low by step 6) and shares one Adam
+    # step tensor between sub-groups, so bias corrections run ahead (1.4e-4 with the decay repaired): the loss moves
+    # by only ~1e-5 relative, within the tolerance above, but the scale moves 10-40x this tolerance.
+    scale = [r["logit_scale_raw"] for r in resumed["records"]]
+    torch.testing.assert_close(torch.tensor(scale), torch.tensor([r["logit_scale_raw"] for r in source["records"][3:]]),
+                               rtol=0, atol=1e-5)  # fmt: skip
     assert_same_params(export_state(resumed), export_state(source), rtol=PARAM_RTOL, atol=PARAM_ATOL)
     assert (tmp_path / "shared" / source["run"].name / "checkpoints" / "step_00000003" / "universal").is_dir()
 

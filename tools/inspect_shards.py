@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rankclip_ds.data.decode import DEFAULT_MAX_PIXELS, extract_captions, load_rgb, open_image
-from rankclip_ds.data.records import WHITELIST, iter_records, local_path
+from rankclip_ds.data.records import WHITELIST, is_local, iter_records, local_path
+from rankclip_ds.data.redact import redact
 from rankclip_ds.data.skips import SkipCounter
 from rankclip_ds.data.sources import MANIFEST_NAME, check_sources_exist, parse_spec
 
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
     sources = parse_spec(args.spec)
     check_sources_exist(sources)
     urls = [u for s in sources for u in s.urls]
+    remote = [u for u in urls if not is_local(u)]
+    if args.manifest and not args.manifest_path and remote:
+        parser.error(
+            f"--manifest writes beside the shards, which cannot be done for remote shards ({redact(remote[0])}): "
+            "pass --manifest-path _manifest.json and upload that file next to the shards"
+        )
     report, thumbs = inspect(
         urls, args.caption_key, not args.no_decode, args.grid_n if args.grid else 0, args.max_pixels
     )

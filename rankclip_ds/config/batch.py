@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..problems import ConfigError, fail
 from .sections import OptimConfig
 
-__all__ = ["BatchSizes", "resolve_batch"]
+__all__ = ["BatchSizes", "nodes_hint", "resolve_batch"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,22 @@ def resolve_batch(optim: OptimConfig, world_size: int) -> BatchSizes:
             "set optim.micro_batch_size=null to derive it from the global batch, or make the product match",
         )
     return BatchSizes(micro, accum, world_size, derived, optim.grad_cache)
+
+
+def nodes_hint(optim: OptimConfig, world_size: int, ranks_per_node: int | None) -> str:
+    """A multi-node world's arithmetic for a global batch that does not divide it: nodes × ranks per node, the node
+    counts that fit, the nearest global batches for this node count."""
+    if not ranks_per_node or world_size <= ranks_per_node or world_size % ranks_per_node:
+        return ""
+    nodes, glob, accum = world_size // ranks_per_node, optim.global_batch_size, optim.grad_accum_steps
+    text = f" The world is {nodes} nodes × {ranks_per_node} ranks per node = {world_size} ranks"
+    if glob is None or optim.micro_batch_size is not None:
+        return text + "."
+    unit = accum * world_size
+    fit = [str(n) for n in range(1, 4 * nodes + 1) if glob % (accum * n * ranks_per_node) == 0] or ["none"]
+    nearest = " or ".join(str(b) for b in (glob // unit * unit, (glob // unit + 1) * unit) if b > 0)
+    return (
+        f"{text}: launch a node count (of {ranks_per_node} ranks) that divides it (up to {4 * nodes} nodes: "
+        f"{', '.join(fit)}), or keep {nodes} nodes with a global batch of {nearest} (a multiple of grad_accum_steps × "
+        f"nodes × ranks per node = {accum} × {nodes} × {ranks_per_node} = {unit})."
+    )

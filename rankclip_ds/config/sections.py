@@ -77,6 +77,11 @@ class DataConfig:
     """Sample-level shuffle buffer per worker (0 disables)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
+    streams: int | None = None
+    """Streams the global sample order is made of (docs/data.md): each reads its own range of the shuffled shards
+    through its own shuffle buffer and gives ``global_batch / streams`` samples to every step. ``None``: one per
+    (rank, worker) of the run that starts training. A resumed run keeps the checkpoint's number, so the order (and
+    the samples of every step) stay the same on any world size."""
     caption_key: str = "txt"
     """Member holding the caption: ``txt``, or ``json:FIELD`` for a field of the json member."""
     rrc_scale: tuple[float, float] = (0.9, 1.0)
@@ -86,6 +91,16 @@ class DataConfig:
     pin_memory: bool = True
     """On a CUDA device, the loader hands over batches in pinned (page-locked) host memory, so the trainer's
     non-blocking host-to-device copies overlap with compute. Ignored on the CPU (nothing to pin for)."""
+    remote_retries: int = 5
+    """Remote shards (``http(s)://``, ``s3://``): transient failures in a row without progress (reset, timeout,
+    5xx/429, short body) retried before the shard is skipped for this pass (``data/skipped_remote_failed``)."""
+    remote_backoff_s: float = 1.0
+    """First wait before a retry; doubled after each failure in a row (with jitter), up to
+    ``remote_backoff_max_s``."""
+    remote_backoff_max_s: float = 30.0
+    """Longest wait between two retries."""
+    remote_timeout_s: float = 60.0
+    """Connect timeout, and the longest wait for the next bytes of a remote shard."""
 
     def __post_init__(self) -> None:
         if not self.train_data:
@@ -102,9 +117,27 @@ class DataConfig:
             fail("data.shuffle_buffer", self.shuffle_buffer, "must be >= 0", "use 0 to disable shuffling")
         if self.num_workers < 0:
             fail("data.num_workers", self.num_workers, "must be >= 0", "use 0 for in-process loading")
+        if self.streams is not None and self.streams < 1:
+            fail("data.streams", self.streams, "must be >= 1", "use null for one stream per rank and worker")
         lo, hi = self.rrc_scale
         if not 0.0 < lo <= hi <= 1.0:
             fail("data.rrc_scale", self.rrc_scale, "must satisfy 0 < low <= high <= 1", "use e.g. [0.9, 1.0]")
+        self._check_remote()
+
+    def _check_remote(self) -> None:
+        if isinstance(self.remote_retries, bool) or not isinstance(self.remote_retries, int) or self.remote_retries < 0:
+            fail("data.remote_retries", self.remote_retries, "must be an integer >= 0", "use e.g. 5 (0: never retry)")
+        if not self.remote_backoff_s >= 0:
+            fail("data.remote_backoff_s", self.remote_backoff_s, "must be >= 0 seconds", "use e.g. 1.0")
+        if not self.remote_backoff_max_s >= self.remote_backoff_s:
+            fail(
+                "data.remote_backoff_max_s",
+                self.remote_backoff_max_s,
+                f"must be >= data.remote_backoff_s={self.remote_backoff_s}",
+                "use e.g. 30.0, or lower data.remote_backoff_s",
+            )
+        if not self.remote_timeout_s > 0:
+            fail("data.remote_timeout_s", self.remote_timeout_s, "must be > 0 seconds", "use e.g. 60.0")
 
 
 @dataclass

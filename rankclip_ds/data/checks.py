@@ -5,12 +5,15 @@ Plain arguments in, :class:`rankclip_ds.problems.Problem` records out (messages 
 
 from __future__ import annotations
 
+import shutil
+
 from ..problems import Problem
 from .decode import parse_caption_key
 from .records import is_local
+from .redact import redact
 from .sources import Source, check_sources_exist, parse_spec, shard_count
 
-__all__ = ["check_shards", "local_sample_count"]
+__all__ = ["check_remote_access", "check_shards", "local_sample_count"]
 
 
 def check_shards(spec: str, *, caption_key: str) -> tuple[list[Problem], list[Source] | None]:
@@ -32,15 +35,16 @@ def check_shards(spec: str, *, caption_key: str) -> tuple[list[Problem], list[So
         sources = parse_spec(spec)
     except ValueError as exc:
         fix = "write brace expressions joined with '::', each optionally '@WEIGHT' (see docs/data.md)"
-        problems.append(Problem.of("data.train_data", spec, str(exc), fix))
+        problems.append(Problem.of("data.train_data", redact(spec), str(exc), fix))
         return problems, None
+    problems.extend(check_remote_access(sources))
     try:
         check_sources_exist(sources)
     except FileNotFoundError as exc:
         problems.append(
             Problem.of(
                 "data.train_data",
-                spec,
+                redact(spec),
                 str(exc).split("; ", 1)[0],
                 "check the path and the brace range (e.g. '/data/cc3m/{00000..00331}.tar'), or write the shards first",
                 machine=True,
@@ -48,6 +52,37 @@ def check_shards(spec: str, *, caption_key: str) -> tuple[list[Problem], list[So
         )
         return problems, None
     return problems, sources
+
+
+def check_remote_access(sources: list[Source]) -> list[Problem]:
+    """What this machine lacks to read the remote sources: boto3 and credentials for ``s3://``, ``gsutil`` for
+    ``gs://`` (machine problems: a dry run elsewhere reports them as notes)."""
+    from .s3 import missing_s3_credentials
+
+    problems = []
+    s3 = [s for s in sources if any(u.startswith("s3://") for u in s.urls)]
+    missing = missing_s3_credentials() if s3 else None
+    if missing:
+        fix = (
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary keys), or "
+            "AWS_PROFILE naming a profile of ~/.aws/credentials; for an S3-compatible store (MinIO, Ceph, GCS "
+            "interoperability) also AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (see docs/data.md, 'Remote shards')"
+        )
+        problems.append(
+            Problem.of("data.train_data", redact(s3[0].spec), f"s3:// shards, but {missing}", fix, machine=True)
+        )
+    gs = [s for s in sources if any(u.startswith("gs://") for u in s.urls)]
+    if gs and shutil.which("gsutil") is None:
+        fix = (
+            "install the Google Cloud SDK (gsutil) on every node, or read the bucket as s3:// through GCS's "
+            "S3-compatible endpoint (AWS_ENDPOINT_URL_S3=https://storage.googleapis.com with HMAC keys)"
+        )
+        problems.append(
+            Problem.of(
+                "data.train_data", redact(gs[0].spec), "gs:// shards are read with gsutil, not found", fix, machine=True
+            )
+        )
+    return problems
 
 
 def local_sample_count(sources: list[Source]) -> int | None:

@@ -1,12 +1,22 @@
-"""The epoch plan: which records of which shards each (rank, worker) reads in an epoch, equal by construction.
+"""The epoch plan: one global sample order per epoch, cut into optimizer steps, then into ranks.
 
-Epoch mode shuffles the shard order with a seed made of (seed, epoch) only, lays the shuffled shards end to end
-and cuts the resulting sequence of records into contiguous pieces, one per (rank, worker) slot, of exactly
-``quota × batch_size`` records each, where every rank gets ``batches_per_rank = total // (world_size × batch_size)``
-batches and its workers split them as evenly as possible. A shard may be cut between two slots (each reads its own
-record range), so uneven shard counts and sizes never give a rank fewer batches than another, and every record is
-read at most once per epoch; the < world_size × batch_size records left at the end of the shuffled order are
-dropped for that epoch (a different tail every epoch).
+The order does not depend on the world size, the micro batch or the number of DataLoader workers, so a run resumed
+on another number of ranks (with the same global batch) trains every global step on exactly the samples of the
+uninterrupted run.
+
+**Streams.** An epoch's records come from ``S`` *streams* (``data.streams``, fixed for the life of a run and
+recorded in its checkpoints). The shard order is shuffled with a seed made of (seed, epoch) only; the shuffled
+shards are laid end to end and cut into ``S`` contiguous record ranges, one per stream, each exactly as long as
+the stream's part of the epoch. Each stream reads its range through its own seeded shuffle buffer, so its sample
+sequence is a function of (data, seed, epoch, stream) alone.
+
+**Steps.** Global step ``s`` of an epoch has ``G`` (the global batch) positions; stream ``k`` fills the ``share(k)``
+consecutive positions starting at ``offset(k)`` (``G // S`` each, the first ``G % S`` streams one more) with its
+samples ``s·share(k) … (s+1)·share(k) − 1``. Rank ``r`` of ``W`` takes positions ``r·G/W … (r+1)·G/W − 1`` of every
+step: whole streams where it can, a part of a stream's share where a stream straddles two ranks (both then read
+that stream and keep their own part). A shard may be cut between two streams (each reads its own record range),
+so uneven shard counts and sizes never give one stream fewer samples than another; the < ``G`` records left at
+the end of the shuffled order are dropped for that epoch (a different tail every epoch).
 
 All seeds are derived from integers through ``numpy.random.SeedSequence``, never from Python's ``hash``.
 """
@@ -18,11 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Tags that keep the random streams of the different uses of (seed, epoch, rank, worker) apart.
+# Tags that keep the random streams of the different uses of (seed, epoch, stream) apart.
 TAG_SHARD_ORDER = 1
 TAG_SAMPLE_SHUFFLE = 2
 TAG_PADDING = 3
 TAG_RESAMPLE = 4
+TAG_CROP = 5
 
 
 def derive_seed(*values: int) -> int:
@@ -34,20 +45,6 @@ def make_rng(*values: int) -> random.Random:
     return random.Random(derive_seed(*values))
 
 
-def worker_quotas(batches_per_rank: int, num_workers: int) -> list[int]:
-    """Batches per worker, the first ``batches_per_rank % num_workers`` workers one more.
-
-    This matches the order in which ``torch.utils.data.DataLoader`` takes batches from its workers (round robin),
-    so after ``n`` batches of a rank, worker ``w`` has produced ``n // W + (w < n % W)`` of them.
-    """
-    base, extra = divmod(batches_per_rank, num_workers)
-    return [base + (1 if w < extra else 0) for w in range(num_workers)]
-
-
-def batches_done_per_worker(batches: int, num_workers: int) -> list[int]:
-    return worker_quotas(batches, num_workers)
-
-
 @dataclass(frozen=True)
 class Piece:
     """Records ``start <= i < stop`` of shard ``url`` (record indices as counted by ``records.iter_records``)."""
@@ -57,55 +54,108 @@ class Piece:
     stop: int
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Positions ``lo <= i < hi`` of ``stream``'s share of every step (``0 <= lo < hi <= share``)."""
+
+    stream: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How the ``global_batch`` positions of every step are filled by ``streams`` streams and split over ranks."""
+
+    global_batch: int
+    streams: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.streams <= self.global_batch:
+            raise ValueError(
+                f"data.streams={self.streams} must be between 1 and the global batch {self.global_batch}: each "
+                "stream gives at least one sample to every step; use at most the global batch"
+            )
+
+    def share(self, stream: int) -> int:
+        """Samples that ``stream`` gives to every step."""
+        base, extra = divmod(self.global_batch, self.streams)
+        return base + (1 if stream < extra else 0)
+
+    def offset(self, stream: int) -> int:
+        """The step position of ``stream``'s first sample."""
+        base, extra = divmod(self.global_batch, self.streams)
+        return stream * base + min(stream, extra)
+
+    def segments(self, lo: int, hi: int) -> list[Segment]:
+        """The stream parts that fill step positions ``lo <= p < hi``, in position order."""
+        out = []
+        for k in range(self.streams):
+            start, size = self.offset(k), self.share(k)
+            a, b = max(lo, start), min(hi, start + size)
+            if a < b:
+                out.append(Segment(k, a - start, b - start))
+        return out
+
+    def rank_segments(self, rank: int, world_size: int) -> list[Segment]:
+        """The stream parts of rank ``rank``'s ``global_batch / world_size`` positions of every step."""
+        if self.global_batch % world_size:
+            raise ValueError(f"global batch {self.global_batch} does not split over {world_size} ranks")
+        per_rank = self.global_batch // world_size
+        return self.segments(rank * per_rank, (rank + 1) * per_rank)
+
+    def worker_segments(self, rank: int, world_size: int, num_workers: int) -> list[list[Segment]]:
+        """Rank ``rank``'s segments dealt to its ``num_workers`` workers in turn (a worker may get none)."""
+        segments = self.rank_segments(rank, world_size)
+        return [segments[w::num_workers] for w in range(num_workers)]
+
+
+def default_streams(world_size: int, num_workers: int, global_batch: int, streams: int | None = None) -> int:
+    """``streams`` if given, else one per (rank, worker) slot of this run (at most the global batch)."""
+    if streams is not None:
+        return streams
+    return min(global_batch, world_size * max(1, num_workers))
+
+
 @dataclass
 class EpochPlan:
     epoch: int
-    batches_per_rank: int
-    quotas: list[int]  # batches per worker (same on every rank)
-    pieces: list[list[list[Piece]]]  # [rank][worker] -> pieces in read order
-    dropped: int  # records of this epoch read by no slot
+    steps: int  # optimizer steps in the epoch (identical for every world size)
+    pieces: list[list[Piece]]  # [stream] -> pieces in read order, steps × share(stream) records each
+    dropped: int  # records of this epoch read by no stream
 
     def describe(self) -> str:
-        lines = [f"epoch {self.epoch}: {self.batches_per_rank} batches per rank, {self.dropped} records dropped"]
-        for r, workers in enumerate(self.pieces):
-            for w, pieces in enumerate(workers):
-                shards = len({p.url for p in pieces})
-                lines.append(f"  rank {r} worker {w}: {self.quotas[w]} batches from {shards} shards")
+        lines = [f"epoch {self.epoch}: {self.steps} steps, {self.dropped} records dropped"]
+        for k, pieces in enumerate(self.pieces):
+            lines.append(f"  stream {k}: {sum(p.stop - p.start for p in pieces)} records from {len(pieces)} pieces")
         return "\n".join(lines)
 
 
-def plan_epoch(
-    urls: list[str], counts: list[int], *, seed: int, epoch: int, world_size: int, num_workers: int, batch_size: int
-) -> EpochPlan:
-    """Computes the epoch plan (identical on every rank and worker for the same arguments)."""
+def plan_epoch(urls: list[str], counts: list[int], *, seed: int, epoch: int, layout: StepLayout) -> EpochPlan:
+    """Computes the epoch plan (identical in every process, for every world size, for the same arguments)."""
     if len(urls) != len(counts):
         raise ValueError(f"{len(urls)} shards but {len(counts)} counts")
     total = int(sum(counts))
-    per_step = world_size * batch_size
-    batches_per_rank = total // per_step
-    if batches_per_rank == 0:
-        shards_each = len(urls) / max(1, world_size * num_workers)
+    steps = total // layout.global_batch
+    if steps == 0:
         raise ValueError(
-            f"{total} samples in {len(urls)} shards cannot give one batch of {batch_size} to each of {world_size} "
-            f"ranks ({shards_each:.2f} shards per rank×worker with {num_workers} workers): add data, lower "
-            "batch_size, or use mode='resampled' with samples_per_epoch"
+            f"{total} samples in {len(urls)} shards cannot fill one global batch of {layout.global_batch}: add "
+            "data, lower the batch size, or use mode='resampled' with samples_per_epoch"
         )
-    quotas = worker_quotas(batches_per_rank, num_workers)
     order = list(range(len(urls)))
     make_rng(seed, epoch, TAG_SHARD_ORDER).shuffle(order)
-    pieces: list[list[list[Piece]]] = [[[] for _ in range(num_workers)] for _ in range(world_size)]
+    pieces: list[list[Piece]] = [[] for _ in range(layout.streams)]
     shard_pos, offset = 0, 0  # position in the shuffled shard order, and the first unread record of that shard
-    for r in range(world_size):
-        for w in range(num_workers):
-            need = quotas[w] * batch_size
-            while need > 0:
-                i = order[shard_pos]
-                available = counts[i] - offset
-                if available <= 0:
-                    shard_pos, offset = shard_pos + 1, 0
-                    continue
-                take = min(need, available)
-                pieces[r][w].append(Piece(urls[i], offset, offset + take))
-                need -= take
-                offset += take
-    return EpochPlan(epoch, batches_per_rank, quotas, pieces, total - batches_per_rank * per_step)
+    for k in range(layout.streams):
+        need = steps * layout.share(k)
+        while need > 0:
+            i = order[shard_pos]
+            available = counts[i] - offset
+            if available <= 0:
+                shard_pos, offset = shard_pos + 1, 0
+                continue
+            take = min(need, available)
+            pieces[k].append(Piece(urls[i], offset, offset + take))
+            need -= take
+            offset += take
+    return EpochPlan(epoch, steps, pieces, total - steps * layout.global_batch)

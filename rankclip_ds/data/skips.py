@@ -11,11 +11,17 @@ import logging
 import multiprocessing as mp
 import time
 
+from rankclip_ds.data.redact import redact
+
 logger = logging.getLogger(__name__)
 
 REASONS = (
     "missing_shard",  # a shard file that does not exist (or a URL that cannot be opened)
     "read_error",  # an I/O error while opening a shard
+    "remote_not_found",  # a remote shard that does not exist (HTTP 404/410, S3 NoSuchKey/NoSuchBucket)
+    "remote_forbidden",  # a remote shard we may not read (HTTP 401/403, S3 AccessDenied, bad or no credentials)
+    "remote_failed",  # a remote shard given up for this pass: transient failures outlived the retries
+    "remote_retry",  # (not a skip) one retry of a remote read after a transient failure
     "truncated_tar",  # a tar that ends in the middle of a member or has a corrupt header
     "unknown_extension",  # a member whose extension is not whitelisted (ignored, never read)
     "unsafe_member",  # a .pyd/.pickle/.pth/.npy/... member (ignored, never read, never unpickled)
@@ -35,6 +41,7 @@ REASONS = (
 )
 _INDEX = {reason: i for i, reason in enumerate(REASONS)}
 _PER_MEMBER = ("unknown_extension", "unsafe_member", "duplicate_member")
+NOT_SKIPS = ("padded", "remote_retry")  # counted beside the skips, but no sample was lost
 
 
 class SkipCounter:
@@ -64,8 +71,12 @@ class SkipCounter:
         if seen <= self.warn_first or now - self._last_warn.get(reason, 0.0) >= self.warn_every_s:
             self._last_warn[reason] = now
             what = "ignored member" if reason in _PER_MEMBER else "skipped sample"
+            if reason.startswith("remote_"):
+                what = "retrying" if reason == "remote_retry" else "skipped shard (for this pass)"
             suffix = f" ({self._local[i]} so far in this process)" if seen > self.warn_first else ""
-            logger.warning("%s [%s] shard=%s key=%s %s%s", what, reason, url, key or "-", detail, suffix)
+            # shard URLs and error texts may hold credentials (user:password@, signed query strings): never log them
+            shard, detail = redact(url), redact(detail)
+            logger.warning("%s [%s] shard=%s key=%s %s%s", what, reason, shard, key or "-", detail, suffix)
 
     def flush(self) -> None:
         """Moves this process's pending counts into the shared array (call at batch boundaries)."""

@@ -5,13 +5,14 @@ Syntax of a spec (a string, or a list of per-source strings)::
     /data/cc3m/{00000..00331}.tar::/data/cc12m/{00000..01242}.tar@2.5::pipe:aws s3 cp s3://b/{0..9}.tar -
 
 Each source is a brace expression; an optional ``@WEIGHT`` suffix (a positive number) sets its sampling weight in
-resampled mode (default 1). Local paths, ``file://``, ``pipe:`` commands and ``http(s)://`` URLs are accepted
-(the latter two are opened through ``webdataset.gopen``).
+resampled mode (default 1). Local paths, ``file://``, ``http(s)://`` and ``s3://`` URLs (read with retries by
+:mod:`rankclip_ds.data.remote`), ``pipe:`` commands and other ``webdataset.gopen`` schemes are accepted.
 
-Sample counts (needed for epoch mode) come, per shard, from the first that exists of: a manifest
-``_manifest.json`` beside the shards (``{"shards": {"name.tar": count}}``, written by ``tools/make_shards.py``,
-``tools/make_synthetic_shards.py`` and ``tools/inspect_shards.py``), img2dataset's ``{name}_stats.json``
-(``successes``), or, for local files, a scan of the tar headers.
+Sample counts (needed for epoch mode) come, per shard, from the first that exists of: the ``manifest`` argument, a
+manifest ``_manifest.json`` beside the shards (``{"shards": {"name.tar": count}}``, written by
+``tools/make_shards.py``, ``tools/make_synthetic_shards.py`` and ``tools/inspect_shards.py``; fetched once per
+folder for ``http(s)://`` and ``s3://`` shards), img2dataset's ``{name}_stats.json`` (``successes``, local), or, for
+local files, a scan of the tar headers.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import braceexpand
 
 from rankclip_ds.data.records import count_records, is_local, local_path
+from rankclip_ds.data.redact import redact
+from rankclip_ds.data.remote import RemoteError, RemotePolicy, is_remote, read_remote_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +53,11 @@ def parse_spec(spec: str | list[str], weights: list[float] | None = None) -> lis
     parts = [p for s in ([spec] if isinstance(spec, str) else list(spec)) for p in s.split("::")]
     parts = [p.strip() for p in parts if p.strip()]
     if not parts:
-        raise ValueError(f"empty shard spec {spec!r}: give e.g. '/data/cc3m/{{00000..00331}}.tar'")
+        raise ValueError(f"empty shard spec {redact(repr(spec))}: give e.g. '/data/cc3m/{{00000..00331}}.tar'")
     if weights is not None and len(weights) != len(parts):
-        raise ValueError(f"{len(weights)} weights given for {len(parts)} sources in {spec!r}; give one per source")
+        raise ValueError(
+            f"{len(weights)} weights given for {len(parts)} sources in {redact(repr(spec))}; give one per source"
+        )
     sources = []
     for i, part in enumerate(parts):
         weight = 1.0
@@ -61,7 +67,7 @@ def parse_spec(spec: str | list[str], weights: list[float] | None = None) -> lis
         if weights is not None:
             weight = float(weights[i])
         if not weight > 0:
-            raise ValueError(f"source {part!r} has weight {weight}; weights must be positive numbers")
+            raise ValueError(f"source {redact(repr(part))} has weight {weight}; weights must be positive numbers")
         urls = list(braceexpand.braceexpand(part))
         sources.append(Source(spec=part, urls=urls, weight=weight))
     return sources
@@ -77,7 +83,8 @@ def check_sources_exist(sources: list[Source]) -> None:
         missing = [u for u in local if not os.path.exists(local_path(u))]
         if len(missing) == len(local):
             raise FileNotFoundError(
-                f"shard spec {src.spec!r} matches no file ({len(local)} paths expanded, e.g. {local[0]!r}); "
+                f"shard spec {redact(repr(src.spec))} matches no file ({len(local)} paths expanded, "
+                f"e.g. {redact(repr(local[0]))}); "
                 "check the path and the brace range, e.g. '/data/cc3m/{00000..00331}.tar'"
             )
         if missing:
@@ -85,8 +92,8 @@ def check_sources_exist(sources: list[Source]) -> None:
                 "%d of %d shards of %r do not exist (e.g. %s); they will be skipped and counted as missing_shard",
                 len(missing),
                 len(local),
-                src.spec,
-                missing[0],
+                redact(src.spec),
+                redact(missing[0]),
             )
 
 
@@ -106,13 +113,44 @@ def _manifest_counts(directory: Path, cache: dict) -> dict[str, int]:
     return cache[directory]
 
 
+def shard_name(url: str) -> str:
+    """The file name a manifest lists a shard under (for URLs: the last path segment, without the query)."""
+    path = urlsplit(url).path if is_remote(url) else url
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _remote_manifest_counts(url: str, cache: dict, remote: RemotePolicy | None) -> dict[str, int]:
+    """The ``_manifest.json`` beside a remote shard (fetched once per folder; an absent one is an empty dict)."""
+    parts = urlsplit(url)
+    folder = urlunsplit(parts._replace(path=parts.path.rsplit("/", 1)[0] + "/" + MANIFEST_NAME, query="", fragment=""))
+    if folder not in cache:
+        try:
+            data = json.loads(read_remote_bytes(folder, remote))
+        except RemoteError as exc:
+            if exc.reason != "remote_not_found":
+                raise RemoteError(exc.reason, f"the manifest {redact(folder)} cannot be read ({exc})") from exc
+            data = {}
+        except ValueError as exc:
+            raise ValueError(f"the manifest {redact(folder)} is not json ({exc}); rewrite it") from exc
+        shards = data.get("shards", {}) if isinstance(data, dict) else {}
+        cache[folder] = {str(k): int(v) for k, v in shards.items()}
+    return cache[folder]
+
+
 def shard_count(
-    url: str, manifest: dict[str, int] | None = None, cache: dict | None = None, scan: bool = True
+    url: str,
+    manifest: dict[str, int] | None = None,
+    cache: dict | None = None,
+    scan: bool = True,
+    *,
+    remote: RemotePolicy | None = None,
 ) -> int | None:
     """Sample count of one shard (see the module doc for the lookup order); None if unknown and not scannable."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    name = shard_name(url)
     if manifest is not None and name in manifest:
         return int(manifest[name])
+    if is_remote(url):
+        return _remote_manifest_counts(url, cache if cache is not None else {}, remote).get(name)
     if is_local(url):
         path = Path(local_path(url))
         counts = _manifest_counts(path.parent, cache if cache is not None else {})
@@ -128,10 +166,13 @@ def shard_count(
     return None
 
 
-def resolve_counts(sources: list[Source], manifest: str | dict | None = None) -> None:
+def resolve_counts(
+    sources: list[Source], manifest: str | dict | None = None, *, remote: RemotePolicy | None = None
+) -> None:
     """Fills ``source.counts`` for every source; raises naming the shards whose count cannot be known.
 
     ``manifest`` may be a path to a manifest json or a dict shard-name → count (overrides files beside the shards).
+    ``remote``: the retry policy for fetching manifests beside remote shards.
     """
     if isinstance(manifest, (str, os.PathLike)):
         data = _read_json(Path(manifest))
@@ -145,7 +186,7 @@ def resolve_counts(sources: list[Source], manifest: str | dict | None = None) ->
     for src in sources:
         counts = []
         for url in src.urls:
-            n = shard_count(url, manifest, cache, scan=False)
+            n = shard_count(url, manifest, cache, scan=False, remote=remote)
             if n is None and is_local(url):
                 scanned += 1
                 if scanned == SCAN_WARN_SHARDS:
@@ -157,8 +198,9 @@ def resolve_counts(sources: list[Source], manifest: str | dict | None = None) ->
                 n = count_records(url)
             if n is None:
                 raise ValueError(
-                    f"the number of samples in shard {url!r} is unknown: epoch mode needs per-shard counts. Write a "
-                    f"manifest with tools/inspect_shards.py --manifest and pass it (manifest=...), or use "
+                    f"the number of samples in shard {redact(repr(url))} is unknown: epoch mode needs per-shard "
+                    "counts. Write a manifest with tools/inspect_shards.py --manifest (--manifest-path for remote "
+                    f"shards) and put it beside the shards as {MANIFEST_NAME} or pass it (manifest=...), or use "
                     "mode='resampled' with samples_per_epoch"
                 )
             counts.append(n)

@@ -364,6 +364,9 @@ class CheckpointManager:
             ) from exc
         if load_path is None:
             raise TrainingError(f"DeepSpeed could not load the checkpoint at {target.path}")
+        from .universal import repair_zero3_universal_load  # imports this module
+
+        repair_zero3_universal_load(engine, target)  # Adam steps and group settings (DeepSpeed 0.19.8)
         rng = target.path / f"rng_rank{self.rank:05d}.pt"
         if same_world and rng.is_file():
             restore_rng_state(torch.load(rng, weights_only=True), engine.device)

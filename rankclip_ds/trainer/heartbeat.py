@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HEARTBEAT_RE", "Heartbeat", "read_heartbeats"]
+__all__ = ["FAILED_PHASE", "HEARTBEAT_RE", "Heartbeat", "is_silent", "lost_nodes", "read_heartbeats", "settle_seconds"]
 
 log = logging.getLogger("rankclip_ds.trainer.watchdog")
 
@@ -36,9 +36,14 @@ class Heartbeat:
     when the rank entered ``phase`` (its progress).
     """
 
-    def __init__(self, directory: str | Path, rank: int, *, min_interval_s: float = 10.0) -> None:
+    def __init__(
+        self, directory: str | Path, rank: int, *, min_interval_s: float = 10.0, node: int | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.rank = rank
+        self.node = node
+        """The node (launcher group) this rank runs on, e.g. torchrun's ``GROUP_RANK``: names a lost node, even where
+        every node has the same host name (containers, one machine in tests)."""
         self.min_interval_s = float(min_interval_s)
         self.path = self.directory / f"rank{rank:05d}.json"
         self.host = socket.gethostname()
@@ -78,6 +83,7 @@ class Heartbeat:
             step, phase, since = self._state
             record = {
                 "rank": self.rank,
+                "node": self.node,
                 "host": self.host,
                 "pid": self.pid,
                 "step": step,
@@ -159,3 +165,49 @@ def read_heartbeats(directory: str | Path | None) -> dict[int, dict[str, Any]]:
         if isinstance(record, dict):
             out[int(m.group(1))] = record
     return out
+
+
+# A rank whose heartbeat thread runs rewrites its file every ``alive_interval_s``; one that has not written for more
+# than two of them (plus some slack for a loaded file system) is dead, stopped or cut off, wherever it was.
+SILENT_AFTER_INTERVALS = 2.0
+# The phase of a rank's last heartbeat once it failed with its own error (then it is gone, but not silently).
+FAILED_PHASE = "failed:"
+SILENT_SLACK_S = 0.5
+MAX_SETTLE_S = 30.0
+
+
+def is_silent(record: dict[str, Any], now: float) -> bool:
+    """Whether the rank of this heartbeat ``record`` went silent: it ran the heartbeat thread (``alive_interval_s``
+    set) and has not written for more than two of its intervals. Records without the thread (written only at phase
+    changes) never count as silent: their age says nothing about the process; nor does a rank whose last heartbeat
+    says it failed with its own error (:data:`FAILED_PHASE`)."""
+    alive = record.get("alive_interval_s")
+    if not isinstance(alive, (int, float)) or alive <= 0 or str(record.get("phase", "")).startswith(FAILED_PHASE):
+        return False
+    return now - float(record["time"]) > SILENT_AFTER_INTERVALS * alive + SILENT_SLACK_S
+
+
+def settle_seconds(beats: dict[int, dict[str, Any]]) -> float:
+    """How long to wait after a peer vanished before :func:`is_silent` separates the dead from the living (every
+    live rank has rewritten its file by then): two intervals of the slowest heartbeat thread plus slack, at most
+    30 s; 0 when no rank runs the thread."""
+    intervals = [
+        float(b["alive_interval_s"]) for b in beats.values() if isinstance(b.get("alive_interval_s"), (int, float))
+    ]
+    if not intervals:
+        return 0.0
+    return min(MAX_SETTLE_S, (SILENT_AFTER_INTERVALS + 0.5) * max(intervals) + SILENT_SLACK_S)
+
+
+def lost_nodes(beats: dict[int, dict[str, Any]], silent: set[int]) -> list[tuple[int, str, list[int]]]:
+    """``(node, host, ranks)`` of every node (a heartbeat's ``node``) whose every reporting rank is in ``silent``:
+    a whole node gone (its launcher killed, the host down or unreachable, its processes stopped), not one rank."""
+    by_node: dict[int, list[int]] = {}
+    for r, b in beats.items():
+        if isinstance(b.get("node"), int):
+            by_node.setdefault(b["node"], []).append(r)
+    return [
+        (node, str(beats[ranks[0]].get("host", "?")), sorted(ranks))
+        for node, ranks in sorted(by_node.items())
+        if all(r in silent for r in ranks)
+    ]

@@ -28,7 +28,6 @@ def agree_resume(
     *,
     batch: BatchSizes,
     zero_stage: int,
-    num_workers: int | None = None,
 ) -> LoadTarget | None:
     """:func:`choose_resume` on rank 0, its choice (or its error) broadcast to every rank: on a shared file system
     with attribute caching, ranks listing the checkpoint folder could otherwise see different newest checkpoints
@@ -38,7 +37,7 @@ def agree_resume(
     choice: list[Any] = [None]
     if ckpt.rank == 0:
         try:
-            target = choose_resume(ckpt, resume, batch=batch, zero_stage=zero_stage, num_workers=num_workers)
+            target = choose_resume(ckpt, resume, batch=batch, zero_stage=zero_stage)
             choice = [("ok", None if target is None else str(target.path))]
             if target is not None and resume != "latest" and target.path.parent.resolve() == ckpt.dir.resolve():
                 # Stepping back in this run (e.g. over a loss spike): its later checkpoints are set aside now, so
@@ -64,7 +63,6 @@ def choose_resume(
     *,
     batch: BatchSizes,
     zero_stage: int,
-    num_workers: int | None = None,
 ) -> LoadTarget | None:
     """The checkpoint ``checkpoint.resume`` names and how to load it here; None to start from scratch. Raises
     :class:`ConfigError` when the checkpoint's global batch differs from this run's (the step count, schedule and
@@ -86,22 +84,12 @@ def choose_resume(
             f"the step count, schedule and data position would change meaning. Resume with --optim.global_batch_size "
             f"{saved} --optim.micro_batch_size null (or set micro × accum × world = {saved})"
         )
-    same_split = (meta.get("micro_batch_size"), meta.get("num_workers", num_workers)) == (
-        batch.micro_batch_size,
-        num_workers,
-    )
-    if "micro_batch_size" in meta and not target.universal and not same_split:
-        # The epoch plan cuts the data per (rank, worker) in micro batches: another split keeps the position in
-        # samples, not the exact order.
+    if "micro_batch_size" in meta and meta.get("data_streams") is None:
         log.warning(
-            "checkpoint %s was written with micro batch %s and %s data workers, this run uses %d and %s: the "
-            "data position is kept as samples consumed, but the rest of this epoch is not the exact order the "
-            "original run would have read",
+            "checkpoint %s predates the world-size-independent sample order (no data_streams in its marker): the "
+            "data position is kept as samples consumed, but the rest of this epoch is not the order the original "
+            "run would have read",
             path,
-            meta.get("micro_batch_size"),
-            meta.get("num_workers"),
-            batch.micro_batch_size,
-            num_workers,
         )
     if target.universal:
         log.info(

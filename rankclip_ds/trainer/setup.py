@@ -27,7 +27,7 @@ from ..dist import DistInfo, init_distributed
 from ..ds_config import optimizer_offloaded
 from ..model import DualEncoder, build_model, build_tokenizer
 from ..model.hub import fetch_model_files, hub_cache, offline
-from ..problems import ConfigError
+from ..problems import ConfigError, fail
 from ..resolved import ResolvedRun
 from .checkpoint import CheckpointManager, LoadTarget
 from .errors import TrainingError
@@ -97,7 +97,9 @@ def write_run_folder(cfg: Config, info: DistInfo, run_dir: Path, process: Proces
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     if cfg.dist.heartbeat_seconds > 0:
-        hb = Heartbeat(run_dir / "heartbeats", info.rank, min_interval_s=cfg.dist.heartbeat_seconds).start()
+        hb = Heartbeat(
+            run_dir / "heartbeats", info.rank, min_interval_s=cfg.dist.heartbeat_seconds, node=info.node_rank
+        ).start()
         process.heartbeat = process.tracker.heartbeat = hb
 
 
@@ -193,12 +195,15 @@ def build_train_data(
     preprocessing: ImagePreprocessing,
     device: torch.device,
     data_factory: Callable[[int, int, int], Any] | None = None,
+    streams: int | None = None,
 ):
-    """The training stream of this rank (``data_factory(rank, world, micro)`` replaces it in tests)."""
+    """The training stream of this rank (``data_factory(rank, world, micro)`` replaces it in tests); ``streams``:
+    see :func:`data_streams`."""
     micro = run.batch.micro_batch_size
     if data_factory is not None:
         return data_factory(info.rank, info.world_size, micro)
     from ..data import build_image_transform, build_train_loader
+    from ..data.remote import RemotePolicy
 
     data = cfg.data
     transform = build_image_transform(
@@ -214,6 +219,8 @@ def build_train_data(
         tokenizer=tokenizer,
         image_transform=transform,
         batch_size=micro,
+        grad_accum_steps=run.batch.grad_accum_steps,
+        streams=streams,
         num_workers=data.num_workers,
         seed=cfg.run.seed,
         rank=info.rank,
@@ -225,7 +232,30 @@ def build_train_data(
         caption_key=data.caption_key,
         # Pinned batches make the step's non-blocking copies asynchronous; only a CUDA device can use them.
         pin_memory=data.pin_memory and device.type == "cuda",
+        remote=RemotePolicy(
+            retries=data.remote_retries,
+            backoff_s=data.remote_backoff_s,
+            backoff_max_s=data.remote_backoff_max_s,
+            timeout_s=data.remote_timeout_s,
+        ),
     )
+
+
+def data_streams(cfg: Config, target: LoadTarget | None) -> int | None:
+    """The number of streams of the global sample order: a resumed run keeps its checkpoint's (so every step sees
+    the samples of the uninterrupted run on any world size); otherwise ``data.streams`` (None: the loader's default).
+    A ``data.streams`` that contradicts the checkpoint is a :class:`ConfigError`."""
+    saved = None if target is None else target.meta.get("data_streams")
+    if saved is None:
+        return cfg.data.streams
+    if cfg.data.streams is not None and cfg.data.streams != int(saved):
+        fail(
+            "data.streams",
+            cfg.data.streams,
+            f"contradicts the checkpoint {target.path}, whose sample order was made of {saved} streams",
+            f"drop the override (or set data.streams={saved}) to resume the same order",
+        )
+    return int(saved)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from .setup import (
     build_engine,
     build_model_for_training,
     build_train_data,
+    data_streams,
     fetch_pretrained,
     log_run_start,
     start_process,
@@ -98,7 +99,6 @@ class Trainer:
             cfg.checkpoint.resume,
             batch=run.batch,
             zero_stage=run.zero_stage,
-            num_workers=cfg.data.num_workers,
         )
         write_run_folder(cfg, info, self.run_dir, self.process)
         try:
@@ -114,7 +114,10 @@ class Trainer:
         self.cfg = fetch_pretrained(self.cfg, self.info, self.run_dir, self.process)
         cfg, run, info = self.cfg, self.run, self.info
         model, self.tokenizer, self.preprocessing = build_model_for_training(cfg, info)
-        self.loader = build_train_data(cfg, info, run, self.tokenizer, self.preprocessing, self.device, data_factory)
+        streams = data_streams(cfg, self.resume_target)
+        self.loader = build_train_data(
+            cfg, info, run, self.tokenizer, self.preprocessing, self.device, data_factory, streams
+        )
         self.length = training_length(cfg, len(self.loader), run.batch)
         self.engine, self.base_optimizer = build_engine(
             cfg, run, model, self.length, self.process, self.ckpt, self.resume_target
@@ -340,7 +343,9 @@ class Trainer:
             scalars["perf/loss_time_fraction"] = self.loss.take_seconds() / timer.total_s
         scalars.update(memory_stats(self.device))
         for reason, count in self.loader.skip_counts().items():
-            scalars[f"data/skipped_{reason}"] = float(count)
+            # retries and padding lose no sample: named for what they count
+            name = {"remote_retry": "data/remote_retries", "padded": "data/padded_samples"}.get(reason)
+            scalars[name or f"data/skipped_{reason}"] = float(count)
         scalars["train/epoch"] = self.pos.epoch + self.pos.batches / max(1, len(self.loader))
         self.metrics.scalars(self.step, scalars)
         done = self.step - first_step
@@ -406,6 +411,7 @@ class Trainer:
             "epoch": self.pos.epoch,
             "batches_in_epoch": self.pos.batches,
             "samples_in_epoch": self.pos.batches * b.samples_per_micro_step,
+            "data_streams": getattr(self.loader, "streams", None),
             "time": time.time(),
         }
 

@@ -13,11 +13,13 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from .checkpoint import COMPLETE, UNIVERSAL, LoadTarget, barrier_if_distributed, read_meta
 from .durable import describe, fsync_tree, fsync_write
 from .errors import TrainingError
 
-__all__ = ["convert_to_universal", "ensure_universal"]
+__all__ = ["convert_to_universal", "ensure_universal", "repair_zero3_universal_load"]
 
 log = logging.getLogger("rankclip_ds.trainer.checkpoint")
 
@@ -92,6 +94,39 @@ def convert_to_universal(path: Path) -> Path:
     os.replace(partial, out)
     log.info("universal checkpoint written: %s", out)
     return out
+
+
+def repair_zero3_universal_load(engine, target: LoadTarget) -> None:
+    """After a ZeRO-3 load of the universal form, undo two things DeepSpeed 0.19.8's loader
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) gets wrong; ZeRO-1/2's loader does neither.
+
+    * It hands every ZeRO-3 sub-group's Adam state the same ``step`` tensor. ZeRO-3 steps its sub-groups one at a
+      time and PyTorch's AdamW increments ``step`` in place, so with two sub-groups (CLIP's decay / no-decay groups)
+      the count ran ahead by one per sub-group and step: wrong bias corrections. Each state gets its own copy.
+    * It copies the settings of the checkpoint's first optimizer group (``lr``, ``weight_decay``, ``initial_lr``,
+      ...) into every group: the no-decay group (biases, norms, the logit scale) was decayed like the weights and,
+      with per-part rates, every group stepped at the first group's rate until the scheduler's next step. Each
+      group gets its own saved settings back, from the same file (``<universal>/zero/optimizer_state.pt``).
+
+    The fp32 master partitions and Adam moments are restored exactly by DeepSpeed and are not touched
+    (``tools/universal_resume_diff.py`` measures all of this)."""
+    if not target.universal or engine.zero_optimization_stage() != 3:
+        return
+    optimizer = engine.optimizer.optimizer  # the torch optimizer stepping ZeRO-3's fp32 partitions
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    path = target.path / UNIVERSAL / "zero" / "optimizer_state.pt"
+    # DeepSpeed's own file (loss-scaler objects included), written by this run's conversion: not weights only.
+    saved = torch.load(path, map_location="cpu", weights_only=False)["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise TrainingError(
+            f"{path} holds {len(saved)} optimizer groups, this run has {len(optimizer.param_groups)}: the "
+            f"optimizer's parameter groups changed (optim.*_lr, *_layer_decay, weight_decay 0 vs > 0); resume with "
+            f"the settings the checkpoint was written with"
+        )
+    for group, settings in zip(optimizer.param_groups, saved, strict=True):
+        group.update({k: v for k, v in settings.items() if k != "params"})
 
 
 class _LogWriter:

@@ -6,10 +6,10 @@ example gloo's ``Timed out waiting 1800000ms for recv operation to complete``: n
 rank is named, and every rank's log says the same thing. This module supplies the missing facts:
 
 - :class:`~rankclip_ds.trainer.heartbeat.Heartbeat` (heartbeat.py): each rank keeps ``<directory>/rank{rank:05d}.json``
-  = ``{rank, host, pid, step, phase, time, since, interval_s, alive_interval_s}`` up to date, written atomically and
-  at most every ``min_interval_s`` (cheap on a shared file system), rewritten by a daemon thread while the main thread
-  is blocked in a collective (the backends release the GIL there), so a healthy rank waiting on the stuck one stays
-  fresh, while a dead, stopped or unreachable rank goes silent.
+  = ``{rank, node, host, pid, step, phase, time, since, interval_s, alive_interval_s}`` up to date, written atomically
+  and at most every ``min_interval_s`` (cheap on a shared file system), rewritten by a daemon thread while the main
+  thread is blocked in a collective (the backends release the GIL there), so a healthy rank waiting on the stuck one
+  stays fresh, while a dead, stopped or unreachable rank goes silent.
 - :class:`CollectiveTracker`: remembers the collective-bearing phase the rank is in (``enter``, several times a step,
   no I/O unless the heartbeat interval passed) and, through :meth:`CollectiveTracker.guard`, turns a collective
   timeout into a :class:`~rankclip_ds.trainer.errors.CollectiveTimeoutError` naming this rank, the phase, the step,
@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CollectiveTimeoutError
-from .heartbeat import Heartbeat, read_heartbeats
+from .heartbeat import FAILED_PHASE, Heartbeat, is_silent, lost_nodes, read_heartbeats, settle_seconds
 
 __all__ = [
     "CollectiveTracker",
@@ -179,8 +179,10 @@ def collective_timeout_error(
     The heartbeats of the other ranks decide whom to name. Ranks whose last heartbeat shows another step or phase
     than this rank's were not in this collective: those are the likely stuck or dead ones, listed silent longest
     first (a rank with a live heartbeat thread goes silent only when its process is dead, stopped or unreachable).
-    Ranks in the same step and collective were waiting too and are only counted. When every rank that reported was
-    in this collective, the oldest heartbeats are listed (the stuck rank hangs inside it: a GPU or network fault).
+    Ranks in the same step and collective were waiting too and are only counted, unless their heartbeat thread went
+    silent (dead, stopped or cut off, wherever they were). A node whose every reporting rank is silent is named as a
+    lost node. When every rank that reported was in this collective and alive, the oldest heartbeats are listed (the
+    stuck rank hangs inside it: a GPU or network fault).
     ``started`` (this process's start, e.g. :attr:`Heartbeat.created`) marks heartbeats left by an earlier attempt of
     a requeued job; ``now`` is for tests.
     """
@@ -195,9 +197,11 @@ def collective_timeout_error(
         )
     else:
         others = [r for r in range(world_size) if r != rank]
+        silent = {r for r in others if r in beats and is_silent(beats[r], now)}
         lines += _heartbeat_report(
             beats,
             others,
+            silent,
             collective=collective,
             step=step,
             heartbeat_dir=heartbeat_dir,
@@ -205,6 +209,7 @@ def collective_timeout_error(
             now=now,
             max_listed=max_listed,
         )
+        lines += _lost_node_lines({r: b for r, b in beats.items() if r < world_size}, silent, now)
     lines.append(_fix_advice(peer_lost, timeout_minutes))
     # The backend's own error, not one raised while it propagated (e.g. a DataLoader worker the launcher killed).
     origin = next((e for e in _chain(exc) if _is_failure_one(e)), exc)
@@ -213,14 +218,14 @@ def collective_timeout_error(
 
 
 def _suspects(
-    beats: dict[int, dict], reported: list[int], *, step: int, collective: str
+    beats: dict[int, dict], reported: list[int], silent: set[int], *, step: int, collective: str
 ) -> tuple[list[int], str, list[int]]:
-    """``(behind, head, listed)``: the reported ranks not in this collective at this step, and the heading and the
-    ranks to list, silent longest first: ``behind``, or when it is empty every reported rank (the stuck one hangs
-    inside the collective)."""
-    behind = [r for r in reported if (beats[r].get("step"), beats[r].get("phase")) != (step, collective)]
+    """``(behind, head, listed)``: the reported ranks not in this collective at this step or silent, and the heading
+    and the ranks to list, silent longest first: ``behind``, or when it is empty every reported rank (the stuck one
+    hangs inside the collective)."""
+    behind = [r for r in reported if (beats[r].get("step"), beats[r].get("phase")) != (step, collective) or r in silent]
     if behind:
-        head = "Ranks not in this collective, silent longest first; likely stuck or dead"
+        head = "Ranks not in this collective or silent, silent longest first; likely stuck or dead"
         listed = behind
     elif reported:
         head = "Every rank that reported was in this collective too; oldest heartbeats first"
@@ -242,15 +247,30 @@ def _heartbeat_line(r: int, b: dict, *, now: float, started: float | None) -> st
         if started is not None and float(b["time"]) < started
         else ""
     )
+    node = f", node {b['node']}" if isinstance(b.get("node"), int) else ""
     return (
         f"  rank {r} on host {b.get('host', '?')} pid {b.get('pid', '?')}: last heartbeat {ago} ago, "
-        f"at step {b.get('step', '?')} in '{b.get('phase', '?')}'{in_phase}{stale}"
+        f"at step {b.get('step', '?')} in '{b.get('phase', '?')}'{in_phase}{node}{stale}"
     )
+
+
+def _lost_node_lines(beats: dict[int, dict], silent: set[int], now: float) -> list[str]:
+    """One line per node whose every reporting rank went silent (a lost node, not one rank)."""
+    lines = []
+    for node, host, ranks in lost_nodes(beats, silent):
+        newest = max(float(beats[r]["time"]) for r in ranks)
+        lines.append(
+            f"Lost node: node {node} (host {host}), ranks {_rank_list(ranks)}: every one of its ranks went silent "
+            f"(newest heartbeat {_fmt_seconds(max(0.0, now - newest))} ago); its launcher or host died, it became "
+            "unreachable, or its processes were stopped."
+        )
+    return lines
 
 
 def _heartbeat_report(
     beats: dict[int, dict],
     others: list[int],
+    silent: set[int],
     *,
     collective: str,
     step: int,
@@ -264,7 +284,7 @@ def _heartbeat_report(
     lines = []
     never = [r for r in others if r not in beats]
     reported = [r for r in others if r in beats]
-    behind, head, listed = _suspects(beats, reported, step=step, collective=collective)
+    behind, head, listed = _suspects(beats, reported, silent, step=step, collective=collective)
     waiting = len(reported) - len(behind)
     if listed:
         lines.append(f"{head} (heartbeats in {heartbeat_dir}):")
@@ -290,6 +310,18 @@ def _fix_advice(peer_lost: bool, timeout_minutes: float) -> str:
         "or stopped process, a GPU error, a network fault). If the phase is legitimately slow on some ranks (a "
         f"long checkpoint write or evaluation while the others wait), raise {CONFIG_KEY} (now {timeout_minutes:g})."
     )
+
+
+def _wait(seconds: float) -> None:
+    """Sleep ``seconds`` even if a signal handler raises meanwhile: when the launcher tears this rank down after a
+    peer failed, the DataLoader's SIGCHLD handler raises for its killed workers, which must not replace the report
+    this rank is about to give."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except Exception as exc:  # any exception of a handler: the report matters more
+            log.debug("ignored during the heartbeat wait: %s", exc)
 
 
 # ---------------------------------------------------------------------------------------------------- the tracker
@@ -320,9 +352,20 @@ class CollectiveTracker:
             self.heartbeat.beat(self.step, name, force=force)
 
     def error(self, exc: BaseException) -> CollectiveTimeoutError:
-        """The named error for a collective failure ``exc`` raised in the current phase."""
+        """The named error for a collective failure ``exc`` raised in the current phase.
+
+        A lost peer is reported at once (gloo's ``Connection closed by peer``), before the dead ranks' heartbeats
+        are older than the live ones': this rank first waits a few heartbeat intervals
+        (:func:`~rankclip_ds.trainer.heartbeat.settle_seconds`, at most 30 s) so that the silent ranks, and a
+        whole lost node, can be told apart from the survivors."""
         hb = self.heartbeat
-        return collective_timeout_error(
+        if hb is not None and not is_collective_timeout(exc):
+            settle = settle_seconds(read_heartbeats(hb.directory))
+            log.warning(
+                "rank %d lost a peer; reading the heartbeats in %.1f s to name the silent ranks", self.rank, settle
+            )
+            _wait(settle)
+        err = collective_timeout_error(
             exc,
             collective=self.phase,
             rank=self.rank,
@@ -332,6 +375,9 @@ class CollectiveTracker:
             heartbeat_dir=hb.directory if hb is not None else None,
             started=hb.created if hb is not None else None,
         )
+        if hb is not None:  # the others' reports show that this rank failed with its own error, not silently
+            hb.beat(self.step, f"{FAILED_PHASE} {str(err).splitlines()[0]}", force=True)
+        return err
 
     @contextmanager
     def guard(self, name: str | None = None, step: int | None = None) -> Iterator[CollectiveTracker]:
