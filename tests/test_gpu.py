@@ -129,3 +129,16 @@ def test_kill_9_then_resume_is_exact_on_one_device(shards, tmp_path):
     rtol, atol = (2e-3, 2e-4) if ON_GPU else (0.0, 0.0)
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_the_loader_hands_over_pinned_batches_on_a_gpu_machine(tmp_path):
+    """The parts of a step are put together straight into page-locked memory (loader.merge_parts), so the
+    trainer's non-blocking copies are asynchronous."""
+    from test_data_pipeline import make_loader, write_shards
+
+    if not torch.cuda.is_available():
+        pytest.skip("page-locked memory needs CUDA (RANKCLIP_TEST_DEVICE=cpu runs these tests on the CPU)")
+    spec, _ = write_shards(tmp_path / "shards")
+    loader = make_loader(spec, rank=0, world_size=1, num_workers=2, batch_size=8, pin_memory=True, streams=4)
+    batch = next(iter(loader.epoch_iter(0)))
+    assert batch["image"].is_pinned()

@@ -92,9 +92,7 @@ class TrainLoader:
         parts = iter(self.dataloader)
         active = self.dataset.active_workers
         for step in range(done, self.steps_per_epoch):
-            share = merge_parts([next(parts) for _ in range(active)], step=step, epoch=epoch)
-            if self.pin_memory:
-                share = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in share.items()}
+            share = merge_parts([next(parts) for _ in range(active)], step=step, epoch=epoch, pin=self.pin_memory)
             for m in range(self.grad_accum_steps):
                 yield slice_batch(share, m * self.batch_size, (m + 1) * self.batch_size)
 
@@ -103,25 +101,39 @@ class TrainLoader:
         return self._skips.counts()
 
 
-def merge_parts(parts: list[dict], *, step: int, epoch: int) -> dict:
-    """This rank's samples of one step, in step-position order, from its workers' parts."""
+def merge_parts(parts: list[dict], *, step: int, epoch: int, pin: bool = False) -> dict:
+    """This rank's samples of one step, in step-position order, from its workers' parts; with ``pin``, the tensors
+    are put together straight into page-locked memory (one copy, as the DataLoader's own pinning would make)."""
     for part in parts:
         if (part["step"], part["epoch"]) != (step, epoch):
             raise RuntimeError(
                 f"data workers out of step: expected epoch {epoch} step {step}, a worker handed over epoch "
                 f"{part['epoch']} step {part['step']} (a bug in the loader; please report it)"
             )
-    order = torch.argsort(torch.cat([p["pos"] for p in parts]))
+    positions = torch.cat([p["pos"] for p in parts])
+    # Workers are dealt their segments in position order, so the parts usually arrive sorted: no reordering copy.
+    order = None if bool((positions[1:] > positions[:-1]).all()) else torch.argsort(positions)
     out: dict = {"epoch": epoch}
     for name, value in parts[0].items():
         if name in ("step", "epoch", "pos"):
             continue
         if isinstance(value, torch.Tensor):
-            out[name] = torch.cat([p[name] for p in parts])[order]
+            out[name] = _joined([p[name] for p in parts], order, pin)
         else:
             joined = [x for p in parts for x in p[name]]
-            out[name] = [joined[i] for i in order.tolist()]
+            out[name] = joined if order is None else [joined[i] for i in order.tolist()]
     return out
+
+
+def _joined(tensors: list[torch.Tensor], order: torch.Tensor | None, pin: bool) -> torch.Tensor:
+    """The parts' rows concatenated (and put in ``order``) with one copy, into pinned memory when ``pin``."""
+    if len(tensors) == 1 and order is None and not pin:
+        return tensors[0]
+    rows = sum(len(t) for t in tensors)
+    out = torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, pin_memory=pin)
+    if order is None:
+        return torch.cat(tensors, out=out)
+    return torch.index_select(torch.cat(tensors), 0, order, out=out)
 
 
 def slice_batch(share: dict, lo: int, hi: int) -> dict:
