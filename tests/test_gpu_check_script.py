@@ -26,7 +26,7 @@ def test_gpu_check_runs_end_to_end_in_tiny_mode(tmp_path):
     assert result["tiny"] is True and result["env"]["torch"]
     assert all(part["exit_code"] == 0 for part in result["parts"].values()), result["parts"]
     tests = result["tests"]
-    assert tests["ran"] and tests["failed"] == [] and tests["skipped"] == 0 and tests["passed"] >= 11, tests
+    assert tests["ran"] and tests["failed"] == [] and tests["skipped"] == 0 and tests["passed"] >= 12, tests
     loss = result["loss"]
     assert [row["chunk_size"] for row in loss["rows"]] == [32, 128]
     for row in loss["rows"]:
@@ -38,7 +38,7 @@ def test_gpu_check_runs_end_to_end_in_tiny_mode(tmp_path):
     assert result["throughput"]["step"] == 4
     assert scalars["perf/samples_per_s"] > 0 and 0 < scalars["perf/loss_time_fraction"] < 1
     assert result["measured"]["chunked_over_floor"] == min(r["chunked_over_floor"] for r in loss["rows"])
-    for line in ("| tests marked gpu | 11 passed, 0 failed, 0 skipped |", "| MFU |", "| loss share of the step |"):
+    for line in ("| tests marked gpu | 12 passed, 0 failed, 0 skipped |", "| MFU |", "| loss share of the step |"):
         assert line in text, line
     assert (out / "gpu_check.log").read_text().count("== ") >= 3
     assert not Path(env["WORK"]).exists()  # scratch removed
